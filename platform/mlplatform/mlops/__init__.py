@@ -1,0 +1,1 @@
+"""Operations around training: experiment tracking, model registry and monitoring."""

@@ -1,0 +1,1 @@
+"""Reinforcement learning: Dueling Double DQN with prioritized replay, single-process and Ape-X."""
