@@ -1,0 +1,214 @@
+"""Single-process Dueling Double DQN: the run config, ε-greedy acting, learning and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pydantic
+import torch
+from pydantic.dataclasses import dataclass
+
+from mlplatform.config import RUN_CONFIG, config_to_dict
+from mlplatform.rl.losses import double_dqn_targets, td_loss
+from mlplatform.rl.model import DuelingDQN
+from mlplatform.rl.replay import ReplaySample
+
+
+@dataclass(config=RUN_CONFIG)
+class DQNConfig:
+    """Hyper-parameters of one DQN run; every field can be set from YAML or ``--set key=value``."""
+
+    env_id: str = "CartPole-v1"
+    """Gymnasium environment id (discrete actions)."""
+    seed: int = 1
+    """Seed for the networks, the environments, exploration and replay sampling."""
+    total_steps: int = pydantic.Field(50_000, ge=1)
+    """Environment steps to run (summed over the parallel envs)."""
+    num_envs: int = pydantic.Field(4, ge=1)
+    """Parallel environments stepped together."""
+    buffer_size: int = pydantic.Field(50_000, ge=1)
+    """Replay capacity in transitions."""
+    prioritized: bool = True
+    """Sample replay by TD error (PER) instead of uniformly."""
+    alpha: float = pydantic.Field(0.6, ge=0.0)
+    """PER priority exponent: 0 is uniform, 1 is fully proportional to |TD error|."""
+    beta_start: float = pydantic.Field(0.4, ge=0.0, le=1.0)
+    """PER importance-sampling exponent at the start, annealed linearly to ``beta_end``."""
+    beta_end: float = pydantic.Field(1.0, ge=0.0, le=1.0)
+    """PER importance-sampling exponent at the end of the run."""
+    n_steps: int = pydantic.Field(3, ge=1)
+    """Steps summed into each return before bootstrapping."""
+    gamma: float = pydantic.Field(0.99, ge=0.0, le=1.0)
+    """Discount factor."""
+    learning_rate: float = pydantic.Field(5e-4, gt=0.0)
+    """Adam learning rate."""
+    batch_size: int = pydantic.Field(64, ge=1)
+    """Transitions per gradient update."""
+    learning_starts: int = pydantic.Field(1_000, ge=0)
+    """Environment steps of pure exploration before the first update."""
+    updates_per_step: float = pydantic.Field(0.5, gt=0.0)
+    """Gradient updates per environment step once learning has started."""
+    target_update_every: int = pydantic.Field(500, ge=1)
+    """Updates between hard copies of the online network into the target (when ``tau`` is 1)."""
+    tau: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+    """Target sync rate: 1 copies every ``target_update_every`` updates, < 1 is Polyak every update."""
+    max_grad_norm: float = pydantic.Field(10.0, gt=0.0)
+    """Gradient clipping threshold on the global L2 norm."""
+    eps_start: float = pydantic.Field(1.0, ge=0.0, le=1.0)
+    """Exploration rate at the start."""
+    eps_end: float = pydantic.Field(0.02, ge=0.0, le=1.0)
+    """Exploration rate after the decay."""
+    eps_decay_steps: int = pydantic.Field(10_000, ge=0)
+    """Environment steps over which ε decays linearly from start to end."""
+    hidden_sizes: tuple[int, ...] = (128, 128)
+    """Widths of the MLP torso for vector observations."""
+    eval_every: int = pydantic.Field(2_000, ge=1)
+    """Environment steps between greedy evaluations."""
+    eval_episodes: int = pydantic.Field(20, ge=1)
+    """Episodes per greedy evaluation, run in parallel."""
+    stop_at_return: float | None = 475.0
+    """Stop as soon as a greedy evaluation reaches this mean return (None runs to the end)."""
+    device: str = "cpu"
+    """Torch device for the networks: cpu, cuda, cuda:1, ..."""
+    experiment_name: str = "dqn"
+    """MLflow experiment the run is logged under."""
+
+    @pydantic.field_validator("env_id")
+    @classmethod
+    def _known_env(cls, env_id: str) -> str:
+        try:
+            gym.spec(env_id)
+        except gym.error.Error as e:
+            raise ValueError(f"unknown gymnasium environment: {e}") from None
+        return env_id
+
+    @pydantic.field_validator("hidden_sizes")
+    @classmethod
+    def _positive_widths(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if not sizes or min(sizes) < 1:
+            raise ValueError("hidden_sizes needs at least one layer, each width >= 1")
+        return sizes
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> DQNConfig:
+        if self.batch_size > self.buffer_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) cannot exceed buffer_size ({self.buffer_size})"
+            )
+        if self.eps_end > self.eps_start:
+            raise ValueError(f"eps_end ({self.eps_end}) must not exceed eps_start ({self.eps_start})")
+        return self
+
+
+class DQNAgent:
+    """Online and target Dueling Q-networks, their optimizer and the counters of one run.
+
+    Args:
+        obs_shape: shape of one observation.
+        num_actions: number of discrete actions.
+        config: the run's hyper-parameters.
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, config: DQNConfig) -> None:
+        self.config = config
+        self.num_actions = num_actions
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        self.online = DuelingDQN(obs_shape, num_actions, hidden_sizes=config.hidden_sizes)
+        self.online.to(self.device)
+        self.target = DuelingDQN(obs_shape, num_actions, hidden_sizes=config.hidden_sizes)
+        self.target.to(self.device).load_state_dict(self.online.state_dict())
+        self.target.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.learning_rate)
+        self.rng = np.random.default_rng(config.seed)
+        self.env_steps = 0
+        self.updates = 0
+
+    @torch.no_grad()
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        """argmax_a Q(s, a) for a batch of observations."""
+        q_values = self.online(torch.as_tensor(obs, device=self.device))
+        return q_values.argmax(dim=1).cpu().numpy()
+
+    def act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
+        """ε-greedy actions for a batch: each row explores independently with probability ε."""
+        actions = self.greedy_actions(obs)
+        explore = self.rng.random(len(actions)) < epsilon
+        actions[explore] = self.rng.integers(self.num_actions, size=int(explore.sum()))
+        return actions
+
+    def learn(self, batch: ReplaySample) -> tuple[dict[str, float], np.ndarray]:
+        """One gradient step on the importance-weighted Double DQN loss.
+
+        Returns:
+            Scalar metrics for logging and the absolute TD errors, the batch's new priorities.
+        """
+        obs, next_obs = (torch.as_tensor(x, device=self.device) for x in (batch.obs, batch.next_obs))
+        actions = torch.as_tensor(batch.actions, device=self.device)
+        rewards, terminated, discounts, weights = (
+            torch.as_tensor(x, device=self.device)
+            for x in (batch.rewards, batch.terminated, batch.discounts, batch.weights)
+        )
+        with torch.no_grad():
+            targets = double_dqn_targets(
+                rewards, terminated, discounts, self.online(next_obs), self.target(next_obs)
+            )
+        q_taken = self.online(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
+        loss, td_errors = td_loss(q_taken, targets, weights)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        self._sync_target()
+        metrics = {
+            "losses/td_loss": loss.item(),
+            "losses/q_values": q_taken.mean().item(),
+            "losses/grad_norm": grad_norm.item(),
+        }
+        return metrics, td_errors.abs().cpu().numpy()
+
+    def _sync_target(self) -> None:
+        if self.config.tau < 1.0:
+            with torch.no_grad():
+                torch._foreach_lerp_(
+                    list(self.target.parameters()), list(self.online.parameters()), self.config.tau
+                )
+        elif self.updates % self.config.target_update_every == 0:
+            self.target.load_state_dict(self.online.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run: networks, optimizer, counters, config, RNG."""
+        return {
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "env_steps": self.env_steps,
+            "updates": self.updates,
+            "config": config_to_dict(self.config),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` produced."""
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.env_steps = int(state["env_steps"])
+        self.updates = int(state["updates"])
+        self.rng.bit_generator.state = state["rng"]
+
+    def save(self, path: str | Path) -> Path:
+        """Write a checkpoint file (plain tensors and Python values only)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Read a checkpoint written by :meth:`save`; never unpickles arbitrary objects."""
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))

@@ -1,0 +1,207 @@
+"""The single-process DQN training loop: vector envs → n-step → replay → Double DQN updates."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mlplatform.config import ConfigError, config_to_dict
+from mlplatform.rl.agent import DQNAgent, DQNConfig
+from mlplatform.rl.losses import linear_schedule
+from mlplatform.rl.nstep import NStepAccumulator
+from mlplatform.rl.replay import PrioritizedReplayBuffer, ReplayBuffer
+
+LOG_EVERY_UPDATES = 100
+
+
+class MetricsSink(Protocol):
+    """What the loop needs from a tracker (``mlplatform.mlops.tracking.ExperimentTracker`` fits)."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_learning_curve(self, steps: Any, values: Any, *, name: str, xlabel: str, ylabel: str) -> Any: ...
+    def log_checkpoint(self, path: str | Path) -> Any: ...
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """How a run ended."""
+
+    env_steps: int
+    updates: int
+    seconds: float
+    final_eval_return: float
+    solved_at_step: int | None
+    checkpoint: Path
+    eval_history: list[tuple[int, float]]
+
+
+def make_vector_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """Synchronous vector env whose finished episodes reset within the same step.
+
+    Same-step autoreset hands back the true last observation in ``info["final_obs"]``, which a
+    truncated episode needs for its bootstrap target.
+    """
+    return gym.make_vec(
+        env_id,
+        num_envs=num_envs,
+        vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+    )
+
+
+def true_next_obs(next_obs: np.ndarray, done: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    """The observation each env actually reached, before any automatic reset replaced it."""
+    if not done.any():
+        return next_obs
+    reached = next_obs.copy()
+    finished = np.flatnonzero(done)
+    reached[finished] = np.stack(info["final_obs"][finished])
+    return reached
+
+
+def evaluate(agent: DQNAgent, env_id: str, episodes: int, seed: int) -> np.ndarray:
+    """Greedy returns of ``episodes`` episodes played in parallel, one per env."""
+    envs = make_vector_env(env_id, episodes)
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(episodes)
+    running = np.ones(episodes, dtype=bool)
+    while running.any():
+        obs, rewards, terminated, truncated, _ = envs.step(agent.greedy_actions(obs))
+        returns += rewards * running
+        running &= ~(terminated | truncated)
+    envs.close()
+    return returns
+
+
+def make_replay(config: DQNConfig, obs_space: gym.spaces.Space) -> ReplayBuffer:
+    """The uniform or prioritized buffer the config asks for, storing observations in their own dtype."""
+    if config.prioritized:
+        return PrioritizedReplayBuffer(
+            config.buffer_size, obs_space.shape, obs_dtype=obs_space.dtype, alpha=config.alpha, seed=config.seed
+        )
+    return ReplayBuffer(config.buffer_size, obs_space.shape, obs_dtype=obs_space.dtype, seed=config.seed)
+
+
+def train_dqn(
+    config: DQNConfig,
+    tracker: MetricsSink | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a Dueling Double DQN with n-step prioritized replay until solved or out of steps.
+
+    Args:
+        config: hyper-parameters.
+        tracker: where params, metrics, the learning curve and the checkpoint go (None: nowhere).
+        output_dir: folder for the final checkpoint (a temporary one when None).
+        progress: show a progress line with steps, episode return and steps/s.
+
+    Returns:
+        Counters, timings and the evaluation history of the run.
+
+    Raises:
+        ConfigError: the environment's action space is not discrete.
+    """
+    started = time.perf_counter()
+    np.random.seed(config.seed)  # gymnasium's classic-control resets draw from their own seeded RNGs
+    envs = make_vector_env(config.env_id, config.num_envs)
+    if not isinstance(envs.single_action_space, gym.spaces.Discrete):
+        raise ConfigError(f"DQN needs a discrete action space; {config.env_id} has {envs.single_action_space}")
+    obs_space = envs.single_observation_space
+    agent = DQNAgent(obs_space.shape, int(envs.single_action_space.n), config)
+    replay = make_replay(config, obs_space)
+    nstep = NStepAccumulator(
+        config.num_envs, obs_space.shape, obs_space.dtype, n_steps=config.n_steps, gamma=config.gamma
+    )
+    if tracker is not None:
+        tracker.log_params(config_to_dict(config))
+
+    episode_returns = np.zeros(config.num_envs)
+    finished_episodes: list[tuple[int, float]] = []
+    eval_history: list[tuple[int, float]] = []
+    solved_at: int | None = None
+    update_credit = 0.0
+    next_eval = config.eval_every
+    bar = tqdm(total=config.total_steps, unit="step", disable=not progress, mininterval=0.5, dynamic_ncols=True)
+
+    obs, _ = envs.reset(seed=config.seed)
+    while agent.env_steps < config.total_steps:
+        epsilon = linear_schedule(config.eps_start, config.eps_end, config.eps_decay_steps, agent.env_steps)
+        actions = agent.act(obs, epsilon)
+        next_obs, rewards, terminated, truncated, info = envs.step(actions)
+        done = terminated | truncated
+        transitions = nstep.push(obs, actions, rewards, true_next_obs(next_obs, done, info), terminated, truncated)
+        if len(transitions):
+            replay.add(*transitions)
+        obs = next_obs  # easy to miss: finished envs already hold their reset observation here
+        agent.env_steps += config.num_envs
+        bar.update(config.num_envs)
+
+        episode_returns += rewards
+        for env in np.flatnonzero(done):
+            finished_episodes.append((agent.env_steps, float(episode_returns[env])))
+            if tracker is not None:
+                tracker.log_metrics({"charts/episodic_return": episode_returns[env]}, step=agent.env_steps)
+            bar.set_postfix(ret=f"{episode_returns[env]:.0f}", eps=f"{epsilon:.2f}", refresh=False)
+        episode_returns[done] = 0.0
+
+        # ---- learning: a fixed ratio of gradient updates to environment steps ----
+        if agent.env_steps >= config.learning_starts and len(replay) >= config.batch_size:
+            update_credit += config.num_envs * config.updates_per_step
+            beta = linear_schedule(config.beta_start, config.beta_end, config.total_steps, agent.env_steps)
+            while update_credit >= 1.0:
+                update_credit -= 1.0
+                batch = replay.sample(config.batch_size, beta=beta)
+                metrics, priorities = agent.learn(batch)
+                replay.update_priorities(batch.indices, priorities)
+                if tracker is not None and agent.updates % LOG_EVERY_UPDATES == 0:
+                    sps = agent.env_steps / (time.perf_counter() - started)
+                    metrics |= {"charts/epsilon": epsilon, "charts/beta": beta, "charts/SPS": sps}
+                    tracker.log_metrics(metrics, step=agent.env_steps)
+
+        # ---- periodic greedy evaluation, with early stop once solved ----
+        if agent.env_steps >= next_eval or agent.env_steps >= config.total_steps:
+            next_eval += config.eval_every
+            returns = evaluate(agent, config.env_id, config.eval_episodes, seed=config.seed + 10_000 + agent.env_steps)
+            eval_history.append((agent.env_steps, float(returns.mean())))
+            if tracker is not None:
+                tracker.log_metrics(
+                    {"eval/mean_return": returns.mean(), "eval/std_return": returns.std()}, step=agent.env_steps
+                )
+            bar.set_postfix(eval=f"{returns.mean():.0f}", eps=f"{epsilon:.2f}")
+            if config.stop_at_return is not None and returns.mean() >= config.stop_at_return:
+                solved_at = agent.env_steps
+                break
+    bar.close()
+    envs.close()
+
+    folder = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="dqn-"))
+    checkpoint = agent.save(folder / "checkpoint.pt")
+    if tracker is not None:
+        tracker.log_metrics({"charts/solved_at_step": solved_at or -1}, step=agent.env_steps)
+        if finished_episodes:
+            steps, values = zip(*finished_episodes)
+            tracker.log_learning_curve(steps, values, name="episodic_return", xlabel="env steps", ylabel="return")
+        if eval_history:
+            steps, values = zip(*eval_history)
+            tracker.log_learning_curve(steps, values, name="eval_return", xlabel="env steps", ylabel="greedy return")
+        tracker.log_checkpoint(checkpoint)
+    return TrainResult(
+        env_steps=agent.env_steps,
+        updates=agent.updates,
+        seconds=time.perf_counter() - started,
+        final_eval_return=eval_history[-1][1] if eval_history else float("nan"),
+        solved_at_step=solved_at,
+        checkpoint=checkpoint,
+        eval_history=eval_history,
+    )
