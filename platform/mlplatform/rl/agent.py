@@ -122,7 +122,7 @@ class DQNAgent:
         self.target = DuelingDQN(obs_shape, num_actions, hidden_sizes=config.hidden_sizes)
         self.target.to(self.device).load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.learning_rate)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.learning_rate, fused=True)
         self.rng = np.random.default_rng(config.seed)
         self.env_steps = 0
         self.updates = 0
