@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from mlplatform.config import ConfigError, load_config, parse_overrides
+
+if TYPE_CHECKING:
+    from mlplatform.mlops.tracking import ExperimentTracker
 
 app = typer.Typer(
     help="Train, track and serve models on Ray.",
@@ -25,6 +28,16 @@ def fail(message: str) -> NoReturn:
     """Print a one-line error and exit with status 2, the usage-error code."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+def open_tracker(experiment_name: str, run_name: str) -> ExperimentTracker:
+    """Start an MLflow run on the default store, or exit with a one-line error."""
+    from mlplatform.mlops.tracking import ExperimentTracker, TrackingError
+
+    try:
+        return ExperimentTracker(experiment_name, run_name=run_name)
+    except TrackingError as e:
+        fail(str(e))
 
 
 ConfigOption = Annotated[
@@ -48,6 +61,7 @@ def train_dqn_command(
     progress: Annotated[bool, typer.Option(help="Show a progress line.")] = True,
 ) -> None:
     """Train a Dueling Double DQN with prioritized replay in one process (CartPole by default)."""
+    # Imported here, not at the top, so `--help` answers without loading torch and MLflow.
     from mlplatform.rl.agent import DQNConfig
     from mlplatform.rl.train import train_dqn
 
@@ -62,19 +76,15 @@ def train_dqn_command(
 
     run_name = f"{run_config.env_id}__dqn__{run_config.seed}__{int(time.time())}"
     run_dir = output_dir / run_name
-    if not track:
-        result = train_dqn(run_config, output_dir=run_dir, progress=progress)
-        hint = ""
-    else:
-        from mlplatform.mlops.tracking import ExperimentTracker, TrackingError
-
-        try:
-            tracker = ExperimentTracker(run_config.experiment_name, run_name=run_name)
-        except TrackingError as e:
-            fail(str(e))
-        with tracker:
-            result = train_dqn(run_config, tracker, output_dir=run_dir, progress=progress)
-        hint = tracker.ui_hint()
+    tracker = open_tracker(run_config.experiment_name, run_name) if track else None
+    try:
+        if tracker is None:
+            result = train_dqn(run_config, output_dir=run_dir, progress=progress)
+        else:
+            with tracker:
+                result = train_dqn(run_config, tracker, output_dir=run_dir, progress=progress)
+    except ConfigError as e:
+        fail(str(e))
 
     solved = f"solved at {result.solved_at_step} steps" if result.solved_at_step else "not solved"
     typer.echo(
@@ -82,8 +92,8 @@ def train_dqn_command(
         f"after {result.env_steps} steps in {result.seconds:.1f}s"
     )
     typer.echo(f"checkpoint: {result.checkpoint}")
-    if hint:
-        typer.echo(hint)
+    if tracker is not None:
+        typer.echo(tracker.ui_hint())
 
 
 def main() -> None:

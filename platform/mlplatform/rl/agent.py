@@ -43,7 +43,7 @@ class DQNConfig:
     """Steps summed into each return before bootstrapping."""
     gamma: float = pydantic.Field(0.99, ge=0.0, le=1.0)
     """Discount factor."""
-    learning_rate: float = pydantic.Field(5e-4, gt=0.0)
+    learning_rate: float = pydantic.Field(1e-3, gt=0.0)
     """Adam learning rate."""
     batch_size: int = pydantic.Field(64, ge=1)
     """Transitions per gradient update."""
@@ -51,7 +51,7 @@ class DQNConfig:
     """Environment steps of pure exploration before the first update."""
     updates_per_step: float = pydantic.Field(0.5, gt=0.0)
     """Gradient updates per environment step once learning has started."""
-    target_update_every: int = pydantic.Field(500, ge=1)
+    target_update_every: int = pydantic.Field(250, ge=1)
     """Updates between hard copies of the online network into the target (when ``tau`` is 1)."""
     tau: float = pydantic.Field(1.0, gt=0.0, le=1.0)
     """Target sync rate: 1 copies every ``target_update_every`` updates, < 1 is Polyak every update."""
