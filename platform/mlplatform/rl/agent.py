@@ -122,7 +122,8 @@ class DQNAgent:
         self.target = DuelingDQN(obs_shape, num_actions, hidden_sizes=config.hidden_sizes)
         self.target.to(self.device).load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.learning_rate, fused=True)
+        self._parameters = list(self.online.parameters())
+        self.optimizer = torch.optim.Adam(self._parameters, lr=config.learning_rate, fused=True)
         self.rng = np.random.default_rng(config.seed)
         self.env_steps = 0
         self.updates = 0
@@ -161,7 +162,7 @@ class DQNAgent:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._parameters, self.config.max_grad_norm)
         self.optimizer.step()
         self.updates += 1
         self._sync_target()
@@ -175,9 +176,8 @@ class DQNAgent:
     def _sync_target(self) -> None:
         if self.config.tau < 1.0:
             with torch.no_grad():
-                torch._foreach_lerp_(
-                    list(self.target.parameters()), list(self.online.parameters()), self.config.tau
-                )
+                for target, online in zip(self.target.parameters(), self._parameters):
+                    target.lerp_(online, self.config.tau)
         elif self.updates % self.config.target_update_every == 0:
             self.target.load_state_dict(self.online.state_dict())
 
