@@ -73,6 +73,8 @@ class DQNConfig:
     """Stop as soon as a greedy evaluation reaches this mean return (None runs to the end)."""
     device: str = "cpu"
     """Torch device for the networks: cpu, cuda, cuda:1, ..."""
+    torch_threads: int = pydantic.Field(1, ge=0)
+    """CPU threads for torch in this process (0 keeps torch's default); small MLPs run fastest on one."""
     experiment_name: str = "dqn"
     """MLflow experiment the run is logged under."""
 

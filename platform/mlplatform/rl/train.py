@@ -113,7 +113,8 @@ def train_dqn(
         ConfigError: the environment's action space is not discrete.
     """
     started = time.perf_counter()
-    np.random.seed(config.seed)  # gymnasium's classic-control resets draw from their own seeded RNGs
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     envs = make_vector_env(config.env_id, config.num_envs)
     if not isinstance(envs.single_action_space, gym.spaces.Discrete):
         raise ConfigError(f"DQN needs a discrete action space; {config.env_id} has {envs.single_action_space}")
