@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -18,8 +18,11 @@ from mlplatform.rl.replay import ReplaySample
 
 
 @dataclass(config=RUN_CONFIG)
-class DQNConfig:
-    """Hyper-parameters of one DQN run; every field can be set from YAML or ``--set key=value``."""
+class QLearningConfig:
+    """What every DQN trainer shares: environment, replay, targets, optimizer, evaluation, tracking.
+
+    Every field can be set from YAML or ``--set key=value``; the trainers extend it.
+    """
 
     env_id: str = "CartPole-v1"
     """Gymnasium environment id (discrete actions)."""
@@ -28,7 +31,7 @@ class DQNConfig:
     total_steps: int = pydantic.Field(50_000, ge=1)
     """Environment steps to run (summed over the parallel envs)."""
     num_envs: int = pydantic.Field(4, ge=1)
-    """Parallel environments stepped together."""
+    """Parallel environments stepped together (per rollout worker under Ape-X)."""
     buffer_size: int = pydantic.Field(50_000, ge=1)
     """Replay capacity in transitions."""
     prioritized: bool = True
@@ -57,12 +60,6 @@ class DQNConfig:
     """Target sync rate: 1 copies every ``target_update_every`` updates, < 1 is Polyak every update."""
     max_grad_norm: float = pydantic.Field(10.0, gt=0.0)
     """Gradient clipping threshold on the global L2 norm."""
-    eps_start: float = pydantic.Field(1.0, ge=0.0, le=1.0)
-    """Exploration rate at the start."""
-    eps_end: float = pydantic.Field(0.02, ge=0.0, le=1.0)
-    """Exploration rate after the decay."""
-    eps_decay_steps: int = pydantic.Field(10_000, ge=0)
-    """Environment steps over which ε decays linearly from start to end."""
     hidden_sizes: tuple[int, ...] = (128, 128)
     """Widths of the MLP torso for vector observations."""
     eval_every: int = pydantic.Field(2_000, ge=1)
@@ -95,11 +92,29 @@ class DQNConfig:
         return sizes
 
     @pydantic.model_validator(mode="after")
-    def _consistent(self) -> DQNConfig:
+    def _consistent(self) -> QLearningConfig:
         if self.batch_size > self.buffer_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) cannot exceed buffer_size ({self.buffer_size})"
             )
+        return self
+
+
+@dataclass(config=RUN_CONFIG)
+class DQNConfig(QLearningConfig):
+    """One single-process DQN run: ε decays on a schedule while one loop acts and learns."""
+
+    algorithm: Literal["dqn"] = "dqn"
+    """Which trainer reads this config; job entrypoints dispatch on it."""
+    eps_start: float = pydantic.Field(1.0, ge=0.0, le=1.0)
+    """Exploration rate at the start."""
+    eps_end: float = pydantic.Field(0.02, ge=0.0, le=1.0)
+    """Exploration rate after the decay."""
+    eps_decay_steps: int = pydantic.Field(10_000, ge=0)
+    """Environment steps over which ε decays linearly from start to end."""
+
+    @pydantic.model_validator(mode="after")
+    def _schedule(self) -> DQNConfig:
         if self.eps_end > self.eps_start:
             raise ValueError(f"eps_end ({self.eps_end}) must not exceed eps_start ({self.eps_start})")
         return self
@@ -114,7 +129,7 @@ class DQNAgent:
         config: the run's hyper-parameters.
     """
 
-    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, config: DQNConfig) -> None:
+    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, config: QLearningConfig) -> None:
         self.config = config
         self.num_actions = num_actions
         self.device = torch.device(config.device)

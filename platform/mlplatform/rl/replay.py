@@ -100,6 +100,8 @@ class ReplayBuffer:
         next_obs: np.ndarray,
         terminated: np.ndarray,
         discounts: np.ndarray,
+        *,
+        priorities: np.ndarray | None = None,
     ) -> np.ndarray:
         """Appends a batch of transitions, overwriting the oldest once the ring is full.
 
@@ -114,6 +116,9 @@ class ReplayBuffer:
             next_obs: Same shape as ``obs``.
             terminated: ``(batch,)`` flags, 1 where the episode ended.
             discounts: ``(batch,)`` bootstrap factors ``gamma**k``.
+            priorities: Optional ``(batch,)`` initial ``|TD error|`` values (Ape-X actors compute
+                them with their own network); by default new transitions enter at the running
+                maximum. Uniform replay checks and ignores them.
 
         Returns:
             int64 transition ids, one per input row in order; when the batch exceeds
@@ -133,13 +138,19 @@ class ReplayBuffer:
         scalars = {"actions": actions, "rewards": rewards, "terminated": terminated, "discounts": discounts}
         for name, value in scalars.items():
             columns.append((self._scalars[name], self._check_column(name, value, n)))
+        if priorities is not None:
+            priorities = _check_priorities(self._check_column("priorities", priorities, n, np.float64).astype(np.float64))
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         kept = min(n, self._capacity)
         start = (self._next_id + n - kept) % self._capacity
         for store, data in columns:
             _write_ring(store, start, data[n - kept :])
         self._next_id += n
-        self._on_add(ids[n - kept :] % self._capacity)
+        slots = ids[n - kept :] % self._capacity
+        if priorities is None:
+            self._on_add(slots)
+        else:
+            self._set_priorities(slots, priorities[n - kept :])
         return ids
 
     def sample(self, batch_size: int, *, beta: float = 0.4) -> ReplaySample:
@@ -215,9 +226,7 @@ class ReplayBuffer:
         if ids.min() < 0 or ids.max() >= self._next_id:
             bad = ids[(ids < 0) | (ids >= self._next_id)][0]
             raise ValueError(f"index {bad} was never written (ids so far are 0..{self._next_id - 1})")
-        if not np.isfinite(prios).all() or (prios < 0).any():
-            bad = prios[~np.isfinite(prios) | (prios < 0)][0]
-            raise ValueError(f"priorities must be finite and >= 0, got {bad}")
+        _check_priorities(prios)
         fresh = ids >= self._next_id - self._capacity
         if not fresh.all():
             ids, prios = ids[fresh], prios[fresh]
@@ -244,11 +253,11 @@ class ReplayBuffer:
         return arr
 
     @staticmethod
-    def _check_column(name: str, value: np.ndarray, n: int) -> np.ndarray:
+    def _check_column(name: str, value: np.ndarray, n: int, target: np.dtype | None = None) -> np.ndarray:
         arr = np.asarray(value)
         if arr.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},) to match obs, got {arr.shape}")
-        target = _SCALARS[name]
+        target = _SCALARS[name] if target is None else np.dtype(target)
         if not np.can_cast(arr.dtype, target, "same_kind"):
             raise ValueError(f"{name} of dtype {arr.dtype} cannot be stored safely as {target}")
         return arr
@@ -318,6 +327,13 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         highest = float(leaves.max())
         if self._max_priority is None or highest > self._max_priority:
             self._max_priority = highest
+
+
+def _check_priorities(priorities: np.ndarray) -> np.ndarray:
+    if not np.isfinite(priorities).all() or (priorities < 0).any():
+        bad = priorities[~np.isfinite(priorities) | (priorities < 0)][0]
+        raise ValueError(f"priorities must be finite and >= 0, got {bad}")
+    return priorities
 
 
 def _write_ring(store: np.ndarray, start: int, data: np.ndarray) -> None:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlplatform.config import ConfigError, config_to_dict
-from mlplatform.rl.agent import DQNAgent, DQNConfig
+from mlplatform.rl.agent import DQNAgent, DQNConfig, QLearningConfig
 from mlplatform.rl.losses import linear_schedule
 from mlplatform.rl.nstep import NStepAccumulator
 from mlplatform.rl.replay import PrioritizedReplayBuffer, ReplayBuffer
@@ -82,7 +82,7 @@ def evaluate(agent: DQNAgent, env_id: str, episodes: int, seed: int) -> np.ndarr
     return returns
 
 
-def make_replay(config: DQNConfig, obs_space: gym.spaces.Space) -> ReplayBuffer:
+def make_replay(config: QLearningConfig, obs_space: gym.spaces.Space) -> ReplayBuffer:
     """The uniform or prioritized buffer the config asks for, storing observations in their own dtype."""
     if config.prioritized:
         return PrioritizedReplayBuffer(
