@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic.dataclasses import dataclass
 from mlplatform.config import RUN_CONFIG, config_to_dict
 from mlplatform.rl.losses import double_dqn_targets, td_loss
 from mlplatform.rl.model import DuelingDQN
+from mlplatform.rl.nstep import Transitions
 from mlplatform.rl.replay import ReplaySample
 
 
@@ -151,8 +153,8 @@ class DQNAgent:
         q_values = self.online(torch.as_tensor(obs, device=self.device))
         return q_values.argmax(dim=1).cpu().numpy()
 
-    def act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
-        """ε-greedy actions for a batch: each row explores independently with probability ε."""
+    def act(self, obs: np.ndarray, epsilon: float | np.ndarray) -> np.ndarray:
+        """ε-greedy actions for a batch: row i explores with probability ε (or ``epsilon[i]``)."""
         actions = self.greedy_actions(obs)
         explore = self.rng.random(len(actions)) < epsilon
         actions[explore] = self.rng.integers(self.num_actions, size=int(explore.sum()))
@@ -190,6 +192,27 @@ class DQNAgent:
         }
         return metrics, td_errors.abs().cpu().numpy()
 
+    @torch.no_grad()
+    def initial_priorities(self, block: Transitions) -> np.ndarray:
+        """|TD error| of fresh transitions under the current networks (an Ape-X actor's priorities)."""
+        obs, next_obs = (torch.as_tensor(x, device=self.device) for x in (block.obs, block.next_obs))
+        rewards, terminated, discounts = (
+            torch.as_tensor(x, device=self.device) for x in (block.rewards, block.terminated, block.discounts)
+        )
+        actions = torch.as_tensor(block.actions, device=self.device).unsqueeze(1)
+        targets = double_dqn_targets(rewards, terminated, discounts, self.online(next_obs), self.target(next_obs))
+        q_taken = self.online(obs).gather(1, actions).squeeze(1)
+        return (targets - q_taken).abs().cpu().numpy()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The online network's parameters on the CPU, ready to ship to other processes."""
+        return {name: tensor.detach().cpu() for name, tensor in self.online.state_dict().items()}
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load published weights into both networks (actors keep no separate target)."""
+        self.online.load_state_dict(weights)
+        self.target.load_state_dict(weights)
+
     def _sync_target(self) -> None:
         if self.config.tau < 1.0:
             with torch.no_grad():
@@ -219,13 +242,26 @@ class DQNAgent:
         self.updates = int(state["updates"])
         self.rng.bit_generator.state = state["rng"]
 
-    def save(self, path: str | Path) -> Path:
-        """Write a checkpoint file (plain tensors and Python values only)."""
+    def save(self, path: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint file (plain tensors and Python values only), atomically.
+
+        Args:
+            path: where to write; the previous file stays intact if writing fails midway.
+            extra: plain values stored beside the state (e.g. the MLflow run id).
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), path)
+        partial = path.with_name(path.name + ".partial")
+        torch.save({**self.state_dict(), "extra": dict(extra or {})}, partial)
+        os.replace(partial, path)
         return path
 
-    def load(self, path: str | Path) -> None:
-        """Read a checkpoint written by :meth:`save`; never unpickles arbitrary objects."""
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Read a checkpoint written by :meth:`save`; never unpickles arbitrary objects.
+
+        Returns:
+            The ``extra`` values saved with it.
+        """
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.load_state_dict(state)
+        return state.get("extra", {})

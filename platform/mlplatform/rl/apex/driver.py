@@ -1,0 +1,334 @@
+"""The Ape-X driver: places the actors, routes experience, replaces the dead, evaluates, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import ray
+from ray.actor import ActorHandle
+from tqdm.auto import tqdm
+
+from mlplatform.config import ConfigError, config_to_dict
+from mlplatform.rl.agent import DQNAgent
+from mlplatform.rl.apex.config import ApexConfig, apex_epsilons
+from mlplatform.rl.apex.learner import LearnerActor
+from mlplatform.rl.apex.rollout import RolloutWorkerActor
+from mlplatform.rl.apex.shard import ReplayShardActor
+from mlplatform.rl.losses import linear_schedule
+from mlplatform.rl.train import MetricsSink, TrainResult, evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ApexResult(TrainResult):
+    """How an Ape-X run ended, with the faults it survived."""
+
+    workers_replaced: int = 0
+    shards_replaced: int = 0
+    lost_transitions: int = 0
+    learner_wait_fraction: float = 0.0
+    resumed_from_update: int | None = None
+
+
+def checkpoint_path(config: ApexConfig) -> Path:
+    """Where the run's latest checkpoint lives (``--resume`` reads it back)."""
+    return Path(config.checkpoint_dir).expanduser().resolve() / "latest.pt"
+
+
+def _actor_id(actor: ActorHandle) -> str:
+    return actor._actor_id.hex()
+
+
+class _Fleet:
+    """The rollout workers and replay shards of one run, and how to replace each of them."""
+
+    def __init__(self, config: ApexConfig, obs_space: gym.Space, tag: str) -> None:
+        self.config = config
+        self.obs_space = obs_space
+        self.tag = tag
+        slots = apex_epsilons(config.num_workers * config.num_envs, eps_base=config.eps_base, eps_alpha=config.eps_alpha)
+        self.epsilons = slots.reshape(config.num_workers, config.num_envs)
+        self.generation = {"worker": [0] * config.num_workers, "shard": [0] * config.num_shards}
+        self.workers = [self._start_worker(i) for i in range(config.num_workers)]
+        self.shards = [self._start_shard(k) for k in range(config.num_shards)]
+        self.shard_sizes = [0] * config.num_shards
+
+    def _name(self, kind: str, index: int) -> str:
+        # Named so operators (and the fault tests) can find them: apex-<run>-worker-<i>.<generation>
+        return f"apex-{self.tag}-{kind}-{index}.{self.generation[kind][index]}"
+
+    def _start_worker(self, index: int) -> ActorHandle:
+        options = {"num_cpus": self.config.worker_num_cpus, "name": self._name("worker", index)}
+        return RolloutWorkerActor.options(**options).remote(
+            self.config, index, self.epsilons[index], self.generation["worker"][index]
+        )
+
+    def _start_shard(self, index: int) -> ActorHandle:
+        return ReplayShardActor.options(num_cpus=0, name=self._name("shard", index)).remote(
+            self.config.buffer_size // self.config.num_shards,
+            self.obs_space.shape,
+            self.obs_space.dtype.str,
+            prioritized=self.config.prioritized,
+            alpha=self.config.alpha,
+            seed=self.config.seed + 7_919 * index + 104_729 * self.generation["shard"][index],
+        )
+
+    def replace_worker(self, index: int) -> None:
+        self.generation["worker"][index] += 1
+        self.workers[index] = self._start_worker(index)
+
+    def replace_shard(self, index: int) -> int:
+        """Start an empty shard in place of a dead one; returns the transitions lost with it."""
+        lost, self.shard_sizes[index] = self.shard_sizes[index], 0
+        self.generation["shard"][index] += 1
+        self.shards[index] = self._start_shard(index)
+        return lost
+
+    def all(self) -> list[ActorHandle]:
+        return [*self.workers, *self.shards]
+
+
+class _ApexRun:
+    """One run's event loop: every finished actor call is handled as it lands."""
+
+    def __init__(self, config: ApexConfig, tracker: MetricsSink | None, resume: bool, progress: bool, extra: dict) -> None:
+        probe = gym.make(config.env_id)
+        obs_space, action_space = probe.observation_space, probe.action_space
+        probe.close()
+        if not isinstance(action_space, gym.spaces.Discrete):
+            raise ConfigError(f"DQN needs a discrete action space; {config.env_id} has {action_space}")
+        self.latest = checkpoint_path(config)
+        if resume and not self.latest.is_file():
+            raise ConfigError(f"--resume found no checkpoint at {self.latest}")
+        self.config, self.tracker, self.extra = config, tracker, extra
+        self.started = time.perf_counter()
+
+        num_gpus = config.learner_num_gpus
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        self.fleet = _Fleet(config, obs_space, secrets.token_hex(3))
+        self.learner = LearnerActor.options(num_cpus=config.learner_num_cpus, num_gpus=num_gpus).remote(
+            obs_space.shape, int(action_space.n), config, self.fleet.shards, "cuda" if num_gpus > 0 else "cpu"
+        )
+        self.result = ApexResult(0, 0, 0.0, float("nan"), None, self.latest, [])
+        if resume:
+            counters = ray.get(self.learner.load.remote(str(self.latest)))
+            self.result.env_steps, self.result.updates = counters["env_steps"], counters["updates"]
+            self.result.resumed_from_update = counters["updates"]
+            log.warning("resumed from %s at update %d, env step %d", self.latest, counters["updates"], counters["env_steps"])
+        if tracker is not None:
+            tracker.log_params({**config_to_dict(config), "learner_num_gpus": num_gpus})
+
+        self.eval_agent = DQNAgent(obs_space.shape, int(action_space.n), dataclasses.replace(config, device="cpu"))
+        [self.weights] = ray.get(self.learner.weights.remote())
+        self.collecting: dict[ray.ObjectRef, tuple[int, ray.ObjectRef, ray.ObjectRef]] = {}
+        self.adding: dict[ray.ObjectRef, tuple[int, str, ray.ObjectRef, ray.ObjectRef]] = {}
+        self.training: ray.ObjectRef | None = None
+        self.idle_workers: list[int] = []
+        self.next_shard = 0
+        self.next_eval = self.result.env_steps + config.eval_every
+        self.next_checkpoint = self.result.updates + config.checkpoint_every
+        self.episodes: list[tuple[int, float]] = []
+        self.bar = tqdm(total=config.total_steps, initial=self.result.env_steps, unit="step", disable=not progress, mininterval=0.5)
+        self.window = (time.perf_counter(), self.result.env_steps, self.result.updates)
+        for index in range(config.num_workers):
+            self.submit_collect(index)
+
+    # ---- actor calls ----
+    def submit_collect(self, index: int) -> None:
+        block, priorities, stats = self.fleet.workers[index].collect.remote(self.weights)
+        self.collecting[stats] = (index, block, priorities)
+
+    def submit_add(self, block: ray.ObjectRef, priorities: ray.ObjectRef) -> None:
+        index = self.next_shard % self.config.num_shards
+        self.next_shard += 1
+        shard = self.fleet.shards[index]
+        self.adding[shard.add.remote(block, priorities)] = (index, _actor_id(shard), block, priorities)
+
+    def owed_updates(self) -> int:
+        return int((self.result.env_steps - self.config.learning_starts) * self.config.updates_per_step) - self.result.updates
+
+    def maybe_train(self) -> None:
+        ready = min(self.fleet.shard_sizes) >= self.config.batch_size
+        if self.training is None and ready and self.owed_updates() > 0:
+            beta = linear_schedule(self.config.beta_start, self.config.beta_end, self.config.total_steps, self.result.env_steps)
+            self.training = self.learner.train.remote(min(self.config.updates_per_call, self.owed_updates()), beta)
+
+    def wake_idle_workers(self) -> None:
+        # Backpressure: workers pause while the learner owes more than two calls' worth of updates,
+        # unless a shard is too empty to sample from, which only more experience can fix.
+        starved = min(self.fleet.shard_sizes) < self.config.batch_size
+        while self.idle_workers and (starved or self.owed_updates() <= 2 * self.config.updates_per_call):
+            self.submit_collect(self.idle_workers.pop())
+
+    # ---- events ----
+    def on_collected(self, ref: ray.ObjectRef) -> None:
+        index, block, priorities = self.collecting.pop(ref)
+        try:
+            stats = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            log.warning("rollout worker %d died; starting a replacement", index)
+            self.fleet.replace_worker(index)
+            self.result.workers_replaced += 1
+            self.log_faults()
+            self.submit_collect(index)
+            return
+        self.result.env_steps += stats["env_steps"]
+        self.bar.update(stats["env_steps"])
+        returns = stats["episode_returns"]
+        self.episodes.extend((self.result.env_steps, value) for value in returns)
+        if returns:
+            self.bar.set_postfix(ret=f"{np.mean(returns):.0f}", refresh=False)
+            self.log({"charts/episodic_return": float(np.mean(returns))})
+        self.submit_add(block, priorities)
+        self.idle_workers.append(index)
+        self.wake_idle_workers()
+
+    def on_added(self, ref: ray.ObjectRef) -> None:
+        index, actor_id, block, priorities = self.adding.pop(ref)
+        try:
+            self.fleet.shard_sizes[index] = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            self.replace_shard(actor_id)
+            self.submit_add(block, priorities)  # the block itself survived; only the shard's store is lost
+
+    def replace_shard(self, actor_id: str) -> None:
+        current = [_actor_id(shard) for shard in self.fleet.shards]
+        if actor_id not in current:
+            return  # already replaced when another call noticed
+        index = current.index(actor_id)
+        lost = self.fleet.replace_shard(index)
+        log.warning("replay shard %d died with %d transitions; starting an empty replacement", index, lost)
+        self.result.shards_replaced += 1
+        self.result.lost_transitions += lost
+        self.learner.set_shards.remote(self.fleet.shards)
+        self.log_faults()
+
+    def on_trained(self, ref: ray.ObjectRef) -> None:
+        self.training = None
+        outcome = ray.get(ref)
+        self.result.updates = outcome["updates"]
+        [self.weights] = outcome["weights"]
+        self.result.learner_wait_fraction = outcome["wait_fraction"]
+        for actor_id in outcome["dead_shards"]:
+            self.replace_shard(actor_id)
+        if self.result.updates >= self.next_checkpoint:
+            self.next_checkpoint += self.config.checkpoint_every
+            self.save_checkpoint()
+        now = time.perf_counter()
+        since, steps, updates = self.window
+        if now - since >= 2.0:
+            self.window = (now, self.result.env_steps, self.result.updates)
+            self.log({
+                **outcome["metrics"],
+                "charts/env_steps_per_s": (self.result.env_steps - steps) / (now - since),
+                "charts/learner_updates_per_s": (self.result.updates - updates) / (now - since),
+                "learner/wait_fraction": outcome["wait_fraction"],
+            })
+        self.wake_idle_workers()
+
+    def maybe_evaluate(self) -> None:
+        if self.result.env_steps < self.next_eval:
+            return
+        self.next_eval += self.config.eval_every
+        self.eval_agent.set_weights(ray.get(self.weights))
+        returns = evaluate(self.eval_agent, self.config.env_id, self.config.eval_episodes, seed=self.config.seed + 10_000 + self.result.env_steps)
+        self.result.eval_history.append((self.result.env_steps, float(returns.mean())))
+        self.result.final_eval_return = float(returns.mean())
+        self.bar.set_postfix(eval=f"{returns.mean():.0f}")
+        self.log({"eval/mean_return": float(returns.mean()), "eval/std_return": float(returns.std())})
+        if self.config.stop_at_return is not None and returns.mean() >= self.config.stop_at_return:
+            self.result.solved_at_step = self.result.env_steps
+
+    def save_checkpoint(self) -> None:
+        ray.get(self.learner.save.remote(str(self.latest), self.result.env_steps, self.extra))
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=self.result.env_steps)
+
+    def log_faults(self) -> None:
+        if self.result.workers_replaced + self.result.shards_replaced > self.config.max_restarts:
+            raise RuntimeError(f"gave up after {self.config.max_restarts} replaced actors")
+        self.log({
+            "faults/workers_replaced": self.result.workers_replaced,
+            "faults/shards_replaced": self.result.shards_replaced,
+            "faults/lost_transitions": self.result.lost_transitions,
+        })
+
+    # ---- main loop ----
+    def run(self) -> ApexResult:
+        try:
+            while self.result.env_steps < self.config.total_steps and self.result.solved_at_step is None:
+                self.maybe_train()
+                pending = [*self.collecting, *self.adding, *([self.training] if self.training else [])]
+                ready, _ = ray.wait(pending, num_returns=1, timeout=10.0)
+                for ref in ready:
+                    if ref in self.collecting:
+                        self.on_collected(ref)
+                    elif ref in self.adding:
+                        self.on_added(ref)
+                    else:
+                        self.on_trained(ref)
+                self.maybe_evaluate()
+            if self.training is not None:
+                self.on_trained(self.training)
+            self.save_checkpoint()
+        finally:
+            self.bar.close()
+            for actor in [*self.fleet.all(), self.learner]:
+                ray.kill(actor)
+        self.result.seconds = time.perf_counter() - self.started
+        self.finish_tracking()
+        return self.result
+
+    def finish_tracking(self) -> None:
+        if self.tracker is None:
+            return
+        self.log({"charts/solved_at_step": self.result.solved_at_step or -1, "learner/updates": self.result.updates})
+        if self.episodes:
+            steps, values = zip(*self.episodes)
+            self.tracker.log_learning_curve(steps, values, name="episodic_return", xlabel="env steps", ylabel="return")
+        if self.result.eval_history:
+            steps, values = zip(*self.result.eval_history)
+            self.tracker.log_learning_curve(steps, values, name="eval_return", xlabel="env steps", ylabel="greedy return")
+        self.tracker.log_checkpoint(self.latest)
+
+
+def train_apex(
+    config: ApexConfig,
+    tracker: MetricsSink | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> ApexResult:
+    """Train Ape-X DQN on the connected Ray cluster (``ray.init()`` starts a local one if none is).
+
+    Experience and updates stay near ``updates_per_step``: workers pause while the learner is
+    behind and the learner waits while workers are, so a run learns the same on a slow laptop
+    and a fast cluster; only the wall-clock time changes.
+
+    Args:
+        config: hyper-parameters and the actor layout.
+        tracker: where params, metrics, curves and the checkpoint go (None: nowhere).
+        resume: continue from ``<checkpoint_dir>/latest.pt`` with its counters.
+        progress: show a progress line.
+        extra: plain values saved in every checkpoint (e.g. the MLflow run id, for resuming).
+
+    Returns:
+        Counters, timings, the evaluation history and the faults the run survived.
+
+    Raises:
+        ConfigError: the action space is not discrete, or ``resume`` finds no checkpoint.
+    """
+    if not ray.is_initialized():
+        ray.init()
+    return _ApexRun(config, tracker, resume, progress, dict(extra or {})).run()
