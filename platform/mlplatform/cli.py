@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -13,6 +14,8 @@ from mlplatform.config import ConfigError, load_config, parse_overrides
 
 if TYPE_CHECKING:
     from mlplatform.mlops.tracking import ExperimentTracker
+
+ConfigT = TypeVar("ConfigT")
 
 app = typer.Typer(
     help="Train, track and serve models on Ray.",
@@ -30,12 +33,12 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
-def open_tracker(experiment_name: str, run_name: str) -> ExperimentTracker:
-    """Start an MLflow run on the default store, or exit with a one-line error."""
+def open_tracker(experiment_name: str, run_name: str, run_id: str | None = None) -> ExperimentTracker:
+    """Start (or resume) an MLflow run on the default store, or exit with a one-line error."""
     from mlplatform.mlops.tracking import ExperimentTracker, TrackingError
 
     try:
-        return ExperimentTracker(experiment_name, run_name=run_name)
+        return ExperimentTracker(experiment_name, run_name=run_name, run_id=run_id)
     except TrackingError as e:
         fail(str(e))
 
@@ -47,53 +50,97 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override one config field, e.g. --set learning_rate=3e-4 (repeatable)."),
 ]
+EnvOption = Annotated[str | None, typer.Option("--env", help="Gymnasium environment id, e.g. CartPole-v1.")]
+SeedOption = Annotated[int | None, typer.Option(help="Random seed.")]
+StepsOption = Annotated[int | None, typer.Option(help="Environment steps to run.")]
+TrackOption = Annotated[bool, typer.Option(help="Log the run to MLflow.")]
+ProgressOption = Annotated[bool, typer.Option(help="Show a progress line.")]
+
+
+def load_run_config(cls: type[ConfigT], path: Path | None, pairs: list[str] | None, **options: Any) -> ConfigT:
+    """Defaults, then the YAML file, then ``--set`` pairs, then named options; or a one-line exit."""
+    try:
+        overrides = parse_overrides(pairs or [])
+        overrides.update({key: value for key, value in options.items() if value is not None})
+        return load_config(cls, path, overrides)
+    except ConfigError as e:
+        fail(str(e))
+
+
+def report(config: Any, result: Any, tracker: ExperimentTracker | None) -> None:
+    """Print how the run ended and where to look at it."""
+    solved = f"solved at {result.solved_at_step} steps" if result.solved_at_step else "not solved"
+    typer.echo(
+        f"{config.env_id}: {solved}; final greedy return {result.final_eval_return:.1f} "
+        f"after {result.env_steps} steps in {result.seconds:.1f}s"
+    )
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    if tracker is not None:
+        typer.echo(tracker.ui_hint())
 
 
 @train_app.command("dqn")
 def train_dqn_command(
-    env: Annotated[str | None, typer.Option("--env", help="Gymnasium environment id, e.g. CartPole-v1.")] = None,
+    env: EnvOption = None,
     config: ConfigOption = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    total_steps: Annotated[int | None, typer.Option(help="Environment steps to run.")] = None,
+    seed: SeedOption = None,
+    total_steps: StepsOption = None,
     set_: SetOption = None,
     output_dir: Annotated[Path, typer.Option(help="Folder for the run's checkpoint.")] = Path("runs"),
-    track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
-    progress: Annotated[bool, typer.Option(help="Show a progress line.")] = True,
+    track: TrackOption = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Train a Dueling Double DQN with prioritized replay in one process (CartPole by default)."""
     # Imported here, not at the top, so `--help` answers without loading torch and MLflow.
     from mlplatform.rl.agent import DQNConfig
     from mlplatform.rl.train import train_dqn
 
-    try:
-        overrides = parse_overrides(set_ or [])
-        for key, value in (("env_id", env), ("seed", seed), ("total_steps", total_steps)):
-            if value is not None:
-                overrides[key] = value
-        run_config = load_config(DQNConfig, config, overrides)
-    except ConfigError as e:
-        fail(str(e))
-
+    run_config = load_run_config(DQNConfig, config, set_, env_id=env, seed=seed, total_steps=total_steps)
     run_name = f"{run_config.env_id}__dqn__{run_config.seed}__{int(time.time())}"
     run_dir = output_dir / run_name
     tracker = open_tracker(run_config.experiment_name, run_name) if track else None
     try:
-        if tracker is None:
-            result = train_dqn(run_config, output_dir=run_dir, progress=progress)
-        else:
-            with tracker:
-                result = train_dqn(run_config, tracker, output_dir=run_dir, progress=progress)
+        with tracker or contextlib.nullcontext():
+            result = train_dqn(run_config, tracker, output_dir=run_dir, progress=progress)
     except ConfigError as e:
         fail(str(e))
+    report(run_config, result, tracker)
 
-    solved = f"solved at {result.solved_at_step} steps" if result.solved_at_step else "not solved"
+
+@train_app.command("apex")
+def train_apex_command(
+    env: EnvOption = None,
+    config: ConfigOption = None,
+    seed: SeedOption = None,
+    total_steps: StepsOption = None,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue from <checkpoint_dir>/latest.pt, counters intact.")] = False,
+    track: TrackOption = True,
+    progress: ProgressOption = True,
+) -> None:
+    """Train Ape-X DQN on Ray: rollout workers, replay shards and one learner as actors.
+
+    Connects to the cluster in RAY_ADDRESS (as under `ray job submit`), else starts a local one.
+    """
+    from mlplatform.rl.apex.config import ApexConfig
+    from mlplatform.rl.apex.driver import checkpoint_extra, train_apex
+
+    run_config = load_run_config(ApexConfig, config, set_, env_id=env, seed=seed, total_steps=total_steps)
+    run_name = f"{run_config.env_id}__apex__{run_config.seed}__{int(time.time())}"
+    try:
+        previous_run = checkpoint_extra(run_config).get("mlflow_run_id") if resume else None
+        tracker = open_tracker(run_config.experiment_name, run_name, previous_run) if track else None
+        with tracker or contextlib.nullcontext():
+            extra = {"mlflow_run_id": tracker.run_id} if tracker is not None else {}
+            result = train_apex(run_config, tracker, resume=resume, progress=progress, extra=extra)
+    except ConfigError as e:
+        fail(str(e))
+    report(run_config, result, tracker)
     typer.echo(
-        f"{run_config.env_id}: {solved}; final greedy return {result.final_eval_return:.1f} "
-        f"after {result.env_steps} steps in {result.seconds:.1f}s"
+        f"learner updates: {result.updates} (resumed from {result.resumed_from_update}); "
+        f"replaced workers: {result.workers_replaced}, shards: {result.shards_replaced} "
+        f"({result.lost_transitions} transitions lost)"
     )
-    typer.echo(f"checkpoint: {result.checkpoint}")
-    if tracker is not None:
-        typer.echo(tracker.ui_hint())
 
 
 def main() -> None:

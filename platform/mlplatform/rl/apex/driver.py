@@ -11,6 +11,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import ray
+import torch
 from ray.actor import ActorHandle
 from tqdm.auto import tqdm
 
@@ -40,6 +41,18 @@ class ApexResult(TrainResult):
 def checkpoint_path(config: ApexConfig) -> Path:
     """Where the run's latest checkpoint lives (``--resume`` reads it back)."""
     return Path(config.checkpoint_dir).expanduser().resolve() / "latest.pt"
+
+
+def checkpoint_extra(config: ApexConfig) -> dict:
+    """The extra values stored with the latest checkpoint (e.g. its MLflow run id).
+
+    Raises:
+        ConfigError: there is no checkpoint to resume from.
+    """
+    path = checkpoint_path(config)
+    if not path.is_file():
+        raise ConfigError(f"--resume found no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True).get("extra", {})
 
 
 def _actor_id(actor: ActorHandle) -> str:
