@@ -174,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds = list(range(1, args.seeds + 1))
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
     rates: dict[str, dict[str, float]] = {}
     for workers in (1, 2):

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from mlplatform.config import ConfigError, config_to_dict
 from mlplatform.rl.agent import DQNAgent, DQNConfig, QLearningConfig
+from mlplatform.rl.atari import is_atari, make_atari_vector_env
 from mlplatform.rl.losses import linear_schedule
 from mlplatform.rl.nstep import NStepAccumulator
 from mlplatform.rl.replay import PrioritizedReplayBuffer, ReplayBuffer
@@ -48,8 +49,11 @@ def make_vector_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
     """Synchronous vector env whose finished episodes reset within the same step.
 
     Same-step autoreset hands back the true last observation in ``info["final_obs"]``, which a
-    truncated episode needs for its bootstrap target.
+    truncated episode needs for its bootstrap target. Atari ids (``ALE/Pong-v5``) get the DQN
+    preprocessing of :mod:`mlplatform.rl.atari`: ``(4, 84, 84)`` uint8 frame stacks.
     """
+    if is_atari(env_id):
+        return make_atari_vector_env(env_id, num_envs)
     return gym.make_vec(
         env_id,
         num_envs=num_envs,

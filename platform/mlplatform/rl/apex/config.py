@@ -46,6 +46,8 @@ class ApexConfig(QLearningConfig):
     """CPUs reserved for the learner."""
     learner_num_gpus: float | None = None
     """GPUs for the learner; None takes one when the cluster has any, else trains on CPU."""
+    experiment_name: str = "apex"
+    """MLflow experiment the run is logged under."""
     max_restarts: int = pydantic.Field(10, ge=0)
     """Dead workers and shards replaced before the run gives up."""
 

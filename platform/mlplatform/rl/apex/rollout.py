@@ -8,6 +8,8 @@ import torch
 
 from mlplatform.rl.agent import DQNAgent
 from mlplatform.rl.apex.config import ApexConfig
+from mlplatform.rl.atari import clip_rewards, is_atari
+from mlplatform.rl.frames import FrameBlock, is_frame_stack, pack_transitions
 from mlplatform.rl.nstep import NStepAccumulator, Transitions
 from mlplatform.rl.train import make_vector_env, true_next_obs
 
@@ -39,13 +41,17 @@ class RolloutWorker:
         )
         self.obs, _ = self.envs.reset(seed=seed)
         self.episode_returns = np.zeros(config.num_envs)
+        # Atari learns from sign-clipped rewards; episode returns stay in game points.
+        self.clip_rewards = is_atari(config.env_id)
+        self.pack_frames = is_frame_stack(space.shape, space.dtype)
 
     @ray.method(num_returns=3)
-    def collect(self, weights: dict[str, torch.Tensor]) -> tuple[Transitions, np.ndarray, dict]:
+    def collect(self, weights: dict[str, torch.Tensor]) -> tuple[Transitions | FrameBlock, np.ndarray, dict]:
         """Run ``rollout_steps`` vector steps with ``weights``.
 
         Returns:
-            The block of n-step transitions, their initial priorities, and stats (env steps taken,
+            The block of n-step transitions (a :class:`FrameBlock` for frame stacks, so the object
+            store carries each frame once), their initial priorities, and stats (env steps taken,
             returns of the episodes that ended).
         """
         self.agent.set_weights(weights)
@@ -55,8 +61,9 @@ class RolloutWorker:
             actions = self.agent.act(self.obs, self.epsilons)
             next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
             done = terminated | truncated
+            targets = clip_rewards(rewards) if self.clip_rewards else rewards
             parts.append(
-                self.nstep.push(self.obs, actions, rewards, true_next_obs(next_obs, done, info), terminated, truncated)
+                self.nstep.push(self.obs, actions, targets, true_next_obs(next_obs, done, info), terminated, truncated)
             )
             self.obs = next_obs
             self.episode_returns += rewards
@@ -64,7 +71,8 @@ class RolloutWorker:
             self.episode_returns[done] = 0.0
         block = Transitions(*(np.concatenate(field) for field in zip(*parts)))
         stats = {"env_steps": self.config.rollout_steps * self.config.num_envs, "episode_returns": finished}
-        return block, self.agent.initial_priorities(block), stats
+        priorities = self.agent.initial_priorities(block)
+        return (pack_transitions(block) if self.pack_frames else block), priorities, stats
 
 
 RolloutWorkerActor = ray.remote(RolloutWorker)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from mlplatform.rl.replay import PrioritizedReplayBuffer, ReplayBuffer, ReplaySample
+from mlplatform.rl.frames import FrameBlock, FrameStackStorage, make_replay_buffer
+from mlplatform.rl.replay import ReplayBuffer, ReplaySample
 from mlplatform.rl.nstep import Transitions
 
 
@@ -20,7 +21,8 @@ class ReplayShard:
     Args:
         capacity: transitions this shard holds.
         obs_shape: shape of one observation.
-        obs_dtype: storage dtype of observations (uint8 frames stay uint8).
+        obs_dtype: storage dtype of observations (uint8 frames stay uint8; uint8 frame stacks
+            are stored one frame each, see :mod:`mlplatform.rl.frames`).
         prioritized: PER (with ``alpha``) or uniform replay.
         alpha: PER priority exponent.
         seed: sampling seed.
@@ -36,17 +38,16 @@ class ReplayShard:
         alpha: float = 0.6,
         seed: int | None = None,
     ) -> None:
-        if prioritized:
-            self.buffer: ReplayBuffer = PrioritizedReplayBuffer(
-                capacity, obs_shape, obs_dtype=obs_dtype, alpha=alpha, seed=seed
-            )
-        else:
-            self.buffer = ReplayBuffer(capacity, obs_shape, obs_dtype=obs_dtype, seed=seed)
+        self.buffer: ReplayBuffer = make_replay_buffer(
+            capacity, obs_shape, obs_dtype, prioritized=prioritized, alpha=alpha, seed=seed
+        )
         self.stale_updates = 0
 
-    def add(self, block: Transitions, priorities: np.ndarray) -> int:
+    def add(self, block: Transitions | FrameBlock, priorities: np.ndarray) -> int:
         """Store a block with the initial priorities its worker computed; returns the stored count."""
-        if len(block):
+        if isinstance(block, FrameBlock):
+            self.buffer.add_packed(block, priorities=priorities)
+        elif len(block):
             self.buffer.add(*block, priorities=priorities)
         return len(self.buffer)
 
@@ -63,8 +64,11 @@ class ReplayShard:
         return len(ids) - applied
 
     def stats(self) -> dict[str, int]:
-        """Stored transitions and stale priority updates dropped so far."""
-        return {"size": len(self.buffer), "stale_updates": self.stale_updates}
+        """Stored transitions, stale priority updates dropped so far and, for frame storage, bytes held."""
+        stats = {"size": len(self.buffer), "stale_updates": self.stale_updates}
+        if isinstance(self.buffer, FrameStackStorage):
+            stats["nbytes"] = self.buffer.nbytes
+        return stats
 
 
 ReplayShardActor = ray.remote(ReplayShard)
