@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
-from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -12,11 +12,14 @@ from numpy.typing import DTypeLike
 from mlplatform.rl.nstep import Transitions
 from mlplatform.rl.replay import PrioritizedReplayBuffer, ReplayBuffer, ReplaySample
 
+FRAMES_PER_TRANSITION = 1.2
+"""Default frame ring size per transition of capacity: blocks of 50 steps per env need about 1.1."""
 FRAME_RING_GROWTH = 1.25
 """Factor by which a full frame ring grows when live transitions need more frames than it holds."""
 
 
-class FrameBlock(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class FrameBlock:
     """n-step transitions whose stacked observations travel as distinct frames plus indices.
 
     Transition ``i`` observed ``frames[obs[i]]`` and bootstraps from ``frames[next_obs[i]]``, both
@@ -315,8 +318,8 @@ class FrameStackReplayBuffer(FrameStackStorage, ReplayBuffer):
     """Uniform replay over ``(stack, H, W)`` frame stacks that keeps each distinct frame once.
 
     Samples hold the full stacks, exactly as added; ids, weights and ``update_priorities`` work
-    as in :class:`ReplayBuffer`. A transition costs about one frame (plus 84 bytes of ids and
-    scalars) instead of ``2 * stack`` frames.
+    as in :class:`ReplayBuffer`. A transition costs ``frames_per_transition`` frames once the ring
+    has wrapped (plus 84 bytes of ids and scalars) instead of ``2 * stack`` frames.
 
     Args:
         capacity: Maximum number of stored transitions, at least 1.
@@ -337,7 +340,7 @@ class FrameStackReplayBuffer(FrameStackStorage, ReplayBuffer):
         obs_shape: tuple[int, ...],
         *,
         obs_dtype: DTypeLike = np.uint8,
-        frames_per_transition: float = 1.25,
+        frames_per_transition: float = FRAMES_PER_TRANSITION,
         seed: int | None = None,
     ) -> None:
         ReplayBuffer.__init__(self, capacity, _frame_id_shape(obs_shape), obs_dtype=np.int64, seed=seed)
@@ -353,7 +356,7 @@ class PrioritizedFrameStackReplayBuffer(FrameStackStorage, PrioritizedReplayBuff
         obs_shape: tuple[int, ...],
         *,
         obs_dtype: DTypeLike = np.uint8,
-        frames_per_transition: float = 1.25,
+        frames_per_transition: float = FRAMES_PER_TRANSITION,
         alpha: float = 0.6,
         eps: float = 1e-6,
         seed: int | None = None,
