@@ -25,6 +25,10 @@ app = typer.Typer(
 )
 train_app = typer.Typer(help="Train a model; each run is logged to MLflow.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+tune_app = typer.Typer(help="Search hyper-parameters with Ray Tune; the study is one MLflow run.", no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
+predict_app = typer.Typer(help="Answer inputs with a trained model.", no_args_is_help=True)
+app.add_typer(predict_app, name="predict")
 
 
 def fail(message: str) -> NoReturn:
@@ -141,6 +145,82 @@ def train_apex_command(
         f"replaced workers: {result.workers_replaced}, shards: {result.shards_replaced} "
         f"({result.lost_transitions} transitions lost)"
     )
+
+
+EmotionOutputOption = Annotated[Path, typer.Option(help="Folder for Ray's results and the best model.")]
+
+
+@train_app.command("emotion")
+def train_emotion_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    output_dir: EmotionOutputOption = Path("runs/emotion"),
+    track: TrackOption = True,
+) -> None:
+    """Fine-tune the Japanese emotion classifier under Ray Train (bundled corpus and small BERT by default)."""
+    from mlplatform.emotion.tokenizer import TokenizerSetupError
+    from mlplatform.emotion.train import EmotionConfig, fit_emotion_model
+
+    run_config = load_run_config(EmotionConfig, config, set_)
+    tracker = open_tracker(run_config.experiment_name, f"emotion__{run_config.target}__{int(time.time())}") if track else None
+    try:
+        with tracker or contextlib.nullcontext():
+            result = fit_emotion_model(run_config, tracker, output_dir=output_dir)
+    except (TokenizerSetupError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    typer.echo(f"best dev macro-F1 {result.dev_metrics['macro_f1']:.3f} at epoch {result.best_epoch}; "
+               f"test {', '.join(f'{k} {v:.3f}' for k, v in result.test_metrics.items())}; {result.seconds:.0f}s")
+    typer.echo(f"model: {result.checkpoint}")
+    if tracker is not None:
+        typer.echo(tracker.ui_hint())
+
+
+@tune_app.command("emotion")
+def tune_emotion_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    num_samples: Annotated[int, typer.Option(min=1, help="Trials to start.")] = 8,
+    grace_period: Annotated[int, typer.Option(min=1, help="Epochs each trial gets before ASHA may stop it.")] = 2,
+    output_dir: EmotionOutputOption = Path("runs/emotion-tune"),
+    track: TrackOption = True,
+) -> None:
+    """Search learning rate, batch size, warmup and dropout with Ray Tune and ASHA."""
+    from mlplatform.emotion.tokenizer import TokenizerSetupError
+    from mlplatform.emotion.train import EmotionConfig
+    from mlplatform.emotion.tune import tune_emotion
+
+    run_config = load_run_config(EmotionConfig, config, set_)
+    tracker = open_tracker(run_config.experiment_name, f"emotion-study__{int(time.time())}") if track else None
+    try:
+        with tracker or contextlib.nullcontext():
+            study = tune_emotion(run_config, tracker, num_samples=num_samples, grace_period=grace_period, output_dir=output_dir)
+    except (TokenizerSetupError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    typer.echo(f"{study.trials} trials, {study.stopped_early} stopped early by ASHA; best dev macro-F1 "
+               f"{study.best_dev_macro_f1:.3f} with {study.best_config}")
+    typer.echo(f"model: {study.checkpoint}")
+    if tracker is not None:
+        typer.echo(tracker.ui_hint())
+
+
+@predict_app.command("emotion")
+def predict_emotion_command(
+    texts: Annotated[list[str], typer.Argument(help="One or more Japanese texts.")],
+    model: Annotated[Path, typer.Option(help="Model folder written by `mlplatform train emotion`.")] = Path("runs/emotion/best"),
+) -> None:
+    """Print the strongest emotion and the eight scores for each text."""
+    from mlplatform.emotion.labels import EMOTIONS_JA
+    from mlplatform.emotion.predict import EmotionPredictor
+    from mlplatform.emotion.tokenizer import TokenizerSetupError
+
+    try:
+        predictions = EmotionPredictor(model).predict(texts)
+    except (TokenizerSetupError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    for text, prediction in zip(texts, predictions):
+        typer.echo(f"{text}\n  -> {prediction.label} ({EMOTIONS_JA[prediction.label]})")
+        for emotion, score in prediction.scores.items():
+            typer.echo(f"     {emotion:<13}{EMOTIONS_JA[emotion]:<4} {score:.3f}")
 
 
 def main() -> None:

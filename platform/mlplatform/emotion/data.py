@@ -136,6 +136,11 @@ def targets_of(examples: Sequence[EmotionExample], target: Target) -> np.ndarray
     return intensity
 
 
+def truncate(ids: list[int], max_length: int) -> list[int]:
+    """Cut token ids to ``max_length``, keeping the closing [SEP] as the model always sees it."""
+    return ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:]
+
+
 class EmotionDataset(torch.utils.data.Dataset):
     """Texts tokenized once, without padding; :class:`EmotionCollator` pads each batch to its longest.
 
@@ -169,8 +174,7 @@ class EmotionDataset(torch.utils.data.Dataset):
         too_long = sum(len(ids) > max_length for ids in encoded)
         if too_long:
             log.warning("%d of %d texts are longer than %d tokens and were truncated", too_long, len(encoded), max_length)
-        # Keep [SEP] at the end of a truncated text, as the model saw it in pre-training.
-        self.input_ids = [ids if len(ids) <= max_length else ids[: max_length - 1] + ids[-1:] for ids in encoded]
+        self.input_ids = [truncate(ids, max_length) for ids in encoded]
         self.labels = targets_of(self.examples, target)
 
     def __len__(self) -> int:

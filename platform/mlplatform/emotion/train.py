@@ -116,6 +116,20 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(
+    model: torch.nn.Module, settings: EmotionConfig, *, total_batches: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its linear warmup-then-decay schedule, to be stepped once per batch.
+
+    The sketch called the scheduler with the wrong arguments and stepped it once per epoch, so
+    the warmup never ended; here warmup lasts ``warmup_ratio`` of all batches, then the rate falls
+    linearly to zero at the last batch.
+    """
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
+    warmup = math.ceil(settings.warmup_ratio * total_batches)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_batches)
+
+
 def evaluate(model: EmotionClassifier, loader: torch.utils.data.DataLoader, device: torch.device) -> dict[str, float]:
     """Accuracy and macro-F1 of the dominant emotion (plus MAE for intensity) over a loader."""
     model.eval()
@@ -182,10 +196,7 @@ def train_emotion_model(
             settings.model, target=settings.target, hidden_dropout_prob=settings.dropout)
     model = prepare_model(classifier)
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
-    total_batches = settings.epochs * len(train_loader)
-    # The sketch called this with the wrong arguments and stepped it per epoch; it is per batch.
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * total_batches), total_batches)
+    optimizer, scheduler = make_optimizer(model, settings, total_batches=settings.epochs * len(train_loader))
     bf16 = settings.mixed_precision == "bf16" or (
         settings.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 

@@ -1,0 +1,86 @@
+"""Emotion training: the warmup schedule per batch, a Ray Train run on two workers, a Tune study with ASHA."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mlplatform.config import config_to_dict
+from mlplatform.emotion.model import EmotionClassifier
+from mlplatform.emotion.predict import EmotionPredictor
+from mlplatform.emotion.train import EmotionConfig, fit_emotion_model, make_optimizer, parameter_groups, prepare_tokenizer, train_emotion_model
+from mlplatform.emotion.tune import tune_emotion
+from mlplatform.mlops.tracking import ExperimentTracker
+
+MINI = str(Path(__file__).parent / "data" / "mini.jsonl")
+TINY = {"corpus": MINI, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 300, "batch_size": 8}
+
+
+def test_learning_rate_warms_up_to_the_peak_then_falls_linearly_per_batch():
+    model = torch.nn.Linear(4, 2)
+    settings = EmotionConfig(learning_rate=1e-3, warmup_ratio=0.1)
+    optimizer, scheduler = make_optimizer(model, settings, total_batches=100)
+    rates = []
+    for _ in range(100):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(5e-4)
+    assert rates[10] == pytest.approx(1e-3)  # the peak, right after 10 warmup batches
+    decrements = [a - b for a, b in zip(rates[10:], rates[11:])]
+    assert all(d == pytest.approx(1e-3 / 90) for d in decrements)  # linear, one step per batch
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_loop_steps_the_schedule_once_per_batch():
+    config = EmotionConfig(**TINY, epochs=2, learning_rate=1e-3, warmup_ratio=0.25)
+    reports = []
+    train_emotion_model({**config_to_dict(config), "tokenizer_path": prepare_tokenizer(config)},
+                        report=lambda metrics, checkpoint_dir: reports.append(metrics))
+    batches_per_epoch = math.ceil(16 / 8)  # the mini corpus has 16 training texts
+    total, warmup = 2 * batches_per_epoch, math.ceil(0.25 * 2 * batches_per_epoch)
+    after_first_epoch = 1e-3 * (total - batches_per_epoch) / (total - warmup)
+    assert reports[0]["learning_rate"] == pytest.approx(after_first_epoch)
+    assert reports[1]["learning_rate"] == pytest.approx(0.0)
+
+
+def test_no_weight_decay_on_biases_and_layer_norms():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    decay, no_decay = parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 and "LayerNorm" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"bert.embeddings.LayerNorm.weight", "classifier.bias"}
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_ray_train_on_two_workers_reports_and_keeps_the_best_model(local_ray, tmp_path):
+    db = f"sqlite:///{tmp_path}/m.db"
+    config = EmotionConfig(**TINY, epochs=3, num_workers=2)
+    with ExperimentTracker("emotion", tracking_uri=db) as tracker:
+        result = fit_emotion_model(config, tracker, output_dir=tmp_path / "out")
+    assert 0.0 <= result.dev_metrics["macro_f1"] <= 1.0 and 1 <= result.best_epoch <= 3
+    assert (result.checkpoint / "config.json").is_file() and (result.checkpoint / "vocab.txt").is_file()
+    assert EmotionClassifier.from_pretrained(result.checkpoint).target == "single"
+    history = MlflowClient(db).get_metric_history(tracker.run_id, "dev_macro_f1")
+    assert [m.step for m in history] == [1, 2, 3]  # rank 0 alone logged, once per epoch
+    prediction = EmotionPredictor(result.checkpoint).predict(["今日はいい天気で嬉しい"])[0]
+    assert sum(prediction.scores.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_tune_with_asha_stops_some_trials_and_returns_the_best(local_ray, tmp_path):
+    db = f"sqlite:///{tmp_path}/m.db"
+    config = EmotionConfig(**TINY, epochs=6)
+    with ExperimentTracker("emotion-study", tracking_uri=db) as parent:
+        study = tune_emotion(config, parent, num_samples=6, grace_period=1, output_dir=tmp_path / "tune")
+    assert study.trials == 6
+    assert study.stopped_early >= 1
+    assert set(study.best_config) == {"learning_rate", "batch_size", "warmup_ratio", "dropout"}
+    assert (study.checkpoint / "config.json").is_file()
+    client = MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("emotion-study").experiment_id])
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
+    assert len(nested) == 6 and len({r.data.tags["ray.trial_id"] for r in nested}) == 6
