@@ -16,6 +16,18 @@ import ray
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Iterator[None]:
+    """Built vocabularies and models go to a test folder, never to the user's ~/.cache."""
+    saved = os.environ.get("MLPLATFORM_HOME")
+    os.environ["MLPLATFORM_HOME"] = str(tmp_path_factory.mktemp("mlplatform-home"))
+    yield
+    if saved is None:
+        os.environ.pop("MLPLATFORM_HOME")
+    else:
+        os.environ["MLPLATFORM_HOME"] = saved
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
