@@ -43,7 +43,7 @@ class EmotionConfig:
     """Passes over the training split (early stopping may end sooner)."""
     batch_size: int = pydantic.Field(32, ge=1)
     """Texts per batch on each worker."""
-    learning_rate: float = pydantic.Field(1e-3, gt=0.0)
+    learning_rate: float = pydantic.Field(2e-3, gt=0.0)
     """Peak AdamW learning rate, reached at the end of warmup."""
     weight_decay: float = pydantic.Field(0.01, ge=0.0)
     """AdamW weight decay (never on biases or LayerNorm weights)."""
@@ -53,9 +53,9 @@ class EmotionConfig:
     """Gradient clipping threshold on the global L2 norm."""
     dropout: float = pydantic.Field(0.1, ge=0.0, lt=1.0)
     """Dropout of the default model (hidden and attention)."""
-    hidden_size: int = pydantic.Field(256, ge=8)
+    hidden_size: int = pydantic.Field(128, ge=8)
     """Width of the default model."""
-    num_layers: int = pydantic.Field(4, ge=1)
+    num_layers: int = pydantic.Field(2, ge=1)
     """Transformer layers of the default model."""
     num_heads: int = pydantic.Field(4, ge=1)
     """Attention heads of the default model (must divide hidden_size)."""
