@@ -13,6 +13,7 @@ import torch
 from pydantic.dataclasses import dataclass
 
 from mlplatform.config import RUN_CONFIG, config_to_dict
+from mlplatform.rl.atari import is_atari, register_atari_envs
 from mlplatform.rl.losses import double_dqn_targets, td_loss
 from mlplatform.rl.model import DuelingDQN
 from mlplatform.rl.nstep import Transitions
@@ -81,9 +82,13 @@ class QLearningConfig:
     @classmethod
     def _known_env(cls, env_id: str) -> str:
         try:
+            if is_atari(env_id):
+                register_atari_envs()
             gym.spec(env_id)
         except gym.error.Error as e:
             raise ValueError(f"unknown gymnasium environment: {e}") from None
+        except ImportError as e:
+            raise ValueError(str(e)) from None
         return env_id
 
     @pydantic.field_validator("hidden_sizes")

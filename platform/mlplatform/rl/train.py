@@ -14,11 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mlplatform.config import ConfigError, config_to_dict
-from mlplatform.rl.agent import DQNAgent, DQNConfig, QLearningConfig
-from mlplatform.rl.atari import is_atari, make_atari_vector_env
+from mlplatform.rl.agent import DQNAgent, DQNConfig
+from mlplatform.rl.atari import clip_rewards, is_atari, make_atari_vector_env
 from mlplatform.rl.losses import linear_schedule
+from mlplatform.rl.frames import make_replay_buffer
 from mlplatform.rl.nstep import NStepAccumulator
-from mlplatform.rl.replay import PrioritizedReplayBuffer, ReplayBuffer
 
 LOG_EVERY_UPDATES = 100
 
@@ -86,15 +86,6 @@ def evaluate(agent: DQNAgent, env_id: str, episodes: int, seed: int) -> np.ndarr
     return returns
 
 
-def make_replay(config: QLearningConfig, obs_space: gym.spaces.Space) -> ReplayBuffer:
-    """The uniform or prioritized buffer the config asks for, storing observations in their own dtype."""
-    if config.prioritized:
-        return PrioritizedReplayBuffer(
-            config.buffer_size, obs_space.shape, obs_dtype=obs_space.dtype, alpha=config.alpha, seed=config.seed
-        )
-    return ReplayBuffer(config.buffer_size, obs_space.shape, obs_dtype=obs_space.dtype, seed=config.seed)
-
-
 def train_dqn(
     config: DQNConfig,
     tracker: MetricsSink | None = None,
@@ -124,7 +115,10 @@ def train_dqn(
         raise ConfigError(f"DQN needs a discrete action space; {config.env_id} has {envs.single_action_space}")
     obs_space = envs.single_observation_space
     agent = DQNAgent(obs_space.shape, int(envs.single_action_space.n), config)
-    replay = make_replay(config, obs_space)
+    replay = make_replay_buffer(
+        config.buffer_size, obs_space.shape, obs_space.dtype, prioritized=config.prioritized, alpha=config.alpha, seed=config.seed
+    )
+    atari = is_atari(config.env_id)
     nstep = NStepAccumulator(
         config.num_envs, obs_space.shape, obs_space.dtype, n_steps=config.n_steps, gamma=config.gamma
     )
@@ -145,7 +139,9 @@ def train_dqn(
         actions = agent.act(obs, epsilon)
         next_obs, rewards, terminated, truncated, info = envs.step(actions)
         done = terminated | truncated
-        transitions = nstep.push(obs, actions, rewards, true_next_obs(next_obs, done, info), terminated, truncated)
+        # Atari learns from rewards clipped to their sign; returns are logged unclipped.
+        learned = clip_rewards(rewards) if atari else rewards
+        transitions = nstep.push(obs, actions, learned, true_next_obs(next_obs, done, info), terminated, truncated)
         if len(transitions):
             replay.add(*transitions)
         obs = next_obs  # easy to miss: finished envs already hold their reset observation here

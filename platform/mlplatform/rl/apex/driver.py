@@ -22,7 +22,7 @@ from mlplatform.rl.apex.learner import LearnerActor
 from mlplatform.rl.apex.rollout import RolloutWorkerActor
 from mlplatform.rl.apex.shard import ReplayShardActor
 from mlplatform.rl.losses import linear_schedule
-from mlplatform.rl.train import MetricsSink, TrainResult, evaluate
+from mlplatform.rl.train import MetricsSink, TrainResult, evaluate, make_vector_env
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class _ApexRun:
     """One run's event loop: every finished actor call is handled as it lands."""
 
     def __init__(self, config: ApexConfig, tracker: MetricsSink | None, resume: bool, progress: bool, extra: dict) -> None:
-        probe = gym.make(config.env_id)
-        obs_space, action_space = probe.observation_space, probe.action_space
+        probe = make_vector_env(config.env_id, 1)  # with the wrappers the workers use (Atari frames)
+        obs_space, action_space = probe.single_observation_space, probe.single_action_space
         probe.close()
         if not isinstance(action_space, gym.spaces.Discrete):
             raise ConfigError(f"DQN needs a discrete action space; {config.env_id} has {action_space}")
