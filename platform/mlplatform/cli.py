@@ -6,6 +6,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from mlplatform.mlops.tracking import ExperimentTracker
 
 ConfigT = TypeVar("ConfigT")
+ResultT = TypeVar("ResultT")
 
 app = typer.Typer(
     help="Train, track and serve models on Ray.",
@@ -71,6 +73,24 @@ def load_run_config(cls: type[ConfigT], path: Path | None, pairs: list[str] | No
         fail(str(e))
 
 
+def run_tracked(
+    job: Callable[[ExperimentTracker | None], ResultT],
+    *,
+    track: bool,
+    experiment_name: str,
+    run_name: str,
+    run_id: str | None = None,
+    user_errors: tuple[type[Exception], ...] = (ConfigError,),
+) -> tuple[ResultT, ExperimentTracker | None]:
+    """Run ``job`` inside an MLflow run (or none); errors caused by the user's input exit in one line."""
+    try:
+        tracker = open_tracker(experiment_name, run_name, run_id) if track else None
+        with tracker or contextlib.nullcontext():
+            return job(tracker), tracker
+    except user_errors as e:
+        fail(str(e))
+
+
 def report(config: Any, result: Any, tracker: ExperimentTracker | None) -> None:
     """Print how the run ended and where to look at it."""
     solved = f"solved at {result.solved_at_step} steps" if result.solved_at_step else "not solved"
@@ -101,13 +121,10 @@ def train_dqn_command(
 
     run_config = load_run_config(DQNConfig, config, set_, env_id=env, seed=seed, total_steps=total_steps)
     run_name = f"{run_config.env_id}__dqn__{run_config.seed}__{int(time.time())}"
-    run_dir = output_dir / run_name
-    tracker = open_tracker(run_config.experiment_name, run_name) if track else None
-    try:
-        with tracker or contextlib.nullcontext():
-            result = train_dqn(run_config, tracker, output_dir=run_dir, progress=progress)
-    except ConfigError as e:
-        fail(str(e))
+    result, tracker = run_tracked(
+        lambda tracker: train_dqn(run_config, tracker, output_dir=output_dir / run_name, progress=progress),
+        track=track, experiment_name=run_config.experiment_name, run_name=run_name,
+    )
     report(run_config, result, tracker)
 
 
@@ -133,12 +150,14 @@ def train_apex_command(
     run_name = f"{run_config.env_id}__apex__{run_config.seed}__{int(time.time())}"
     try:
         previous_run = checkpoint_extra(run_config).get("mlflow_run_id") if resume else None
-        tracker = open_tracker(run_config.experiment_name, run_name, previous_run) if track else None
-        with tracker or contextlib.nullcontext():
-            extra = {"mlflow_run_id": tracker.run_id} if tracker is not None else {}
-            result = train_apex(run_config, tracker, resume=resume, progress=progress, extra=extra)
     except ConfigError as e:
         fail(str(e))
+
+    def job(tracker: ExperimentTracker | None) -> Any:
+        extra = {"mlflow_run_id": tracker.run_id} if tracker is not None else {}
+        return train_apex(run_config, tracker, resume=resume, progress=progress, extra=extra)
+
+    result, tracker = run_tracked(job, track=track, experiment_name=run_config.experiment_name, run_name=run_name, run_id=previous_run)
     report(run_config, result, tracker)
     typer.echo(
         f"learner updates: {result.updates} (resumed from {result.resumed_from_update}); "
@@ -162,12 +181,11 @@ def train_emotion_command(
     from mlplatform.emotion.train import EmotionConfig, fit_emotion_model
 
     run_config = load_run_config(EmotionConfig, config, set_)
-    tracker = open_tracker(run_config.experiment_name, f"emotion__{run_config.target}__{int(time.time())}") if track else None
-    try:
-        with tracker or contextlib.nullcontext():
-            result = fit_emotion_model(run_config, tracker, output_dir=output_dir)
-    except (TokenizerSetupError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    result, tracker = run_tracked(
+        lambda tracker: fit_emotion_model(run_config, tracker, output_dir=output_dir),
+        track=track, experiment_name=run_config.experiment_name, run_name=f"emotion__{run_config.target}__{int(time.time())}",
+        user_errors=(TokenizerSetupError, FileNotFoundError, ValueError),
+    )
     typer.echo(f"best dev macro-F1 {result.dev_metrics['macro_f1']:.3f} at epoch {result.best_epoch}; "
                f"test {', '.join(f'{k} {v:.3f}' for k, v in result.test_metrics.items())}; {result.seconds:.0f}s")
     typer.echo(f"model: {result.checkpoint}")
@@ -190,12 +208,11 @@ def tune_emotion_command(
     from mlplatform.emotion.tune import tune_emotion
 
     run_config = load_run_config(EmotionConfig, config, set_)
-    tracker = open_tracker(run_config.experiment_name, f"emotion-study__{int(time.time())}") if track else None
-    try:
-        with tracker or contextlib.nullcontext():
-            study = tune_emotion(run_config, tracker, num_samples=num_samples, grace_period=grace_period, output_dir=output_dir)
-    except (TokenizerSetupError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    study, tracker = run_tracked(
+        lambda tracker: tune_emotion(run_config, tracker, num_samples=num_samples, grace_period=grace_period, output_dir=output_dir),
+        track=track, experiment_name=run_config.experiment_name, run_name=f"emotion-study__{int(time.time())}",
+        user_errors=(TokenizerSetupError, FileNotFoundError, ValueError),
+    )
     typer.echo(f"{study.trials} trials, {study.stopped_early} stopped early by ASHA; best dev macro-F1 "
                f"{study.best_dev_macro_f1:.3f} with {study.best_config}")
     typer.echo(f"model: {study.checkpoint}")
