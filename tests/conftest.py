@@ -63,10 +63,12 @@ def ray_head(tmp_path_factory) -> Iterator[dict[str, str]]:
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     client_env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
-    deadline = time.monotonic() + 90
-    while subprocess.run([str(BIN / "ray"), "job", "list"], env=client_env, capture_output=True).returncode != 0:
+    # Ready means a job can run end to end: the job API answers before its agent can take jobs.
+    deadline = time.monotonic() + 120
+    probe = [str(BIN / "ray"), "job", "submit", "--", "python", "-c", "print('ready')"]
+    while subprocess.run(probe, env=client_env, capture_output=True).returncode != 0:
         assert head.poll() is None and time.monotonic() < deadline, "ray head did not come up"
-        time.sleep(1)
+        time.sleep(2)
     yield client_env
     head.send_signal(signal.SIGTERM)
     head.wait(timeout=60)

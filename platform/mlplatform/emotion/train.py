@@ -59,7 +59,7 @@ class EmotionConfig:
     """Transformer layers of the default model."""
     num_heads: int = pydantic.Field(4, ge=1)
     """Attention heads of the default model (must divide hidden_size)."""
-    vocab_size: int = pydantic.Field(8000, ge=100)
+    vocab_size: int = pydantic.Field(3000, ge=100)
     """Vocabulary bound for the project's own tokenizer."""
     max_length: int = pydantic.Field(128, ge=8)
     """Tokens per text; longer texts are truncated."""
