@@ -86,6 +86,7 @@ def tune_emotion(
     *,
     num_samples: int = 8,
     grace_period: int = 2,
+    max_concurrent_trials: int | None = None,
     output_dir: str | Path = "runs/emotion-tune",
 ) -> StudyResult:
     """Search learning rate, batch size, warmup and dropout with ASHA; each trial trains on one worker.
@@ -95,6 +96,8 @@ def tune_emotion(
         tracker: the study's parent MLflow run; each trial logs a nested run under it.
         num_samples: trials to start.
         grace_period: epochs every trial gets before ASHA may stop it.
+        max_concurrent_trials: trials running at once (None: as many as resources allow); one at
+            a time makes a study repeatable, since ASHA then always compares the same results.
         output_dir: where Tune keeps trial checkpoints (made absolute).
 
     Returns:
@@ -103,6 +106,7 @@ def tune_emotion(
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     started = time.perf_counter()
     if not ray.is_initialized():
@@ -122,7 +126,10 @@ def tune_emotion(
     tuner = tune.Tuner(
         tune.with_resources(_tune_trial, {"cpu": 1, "gpu": gpus}),
         param_space={**base, **search_space()},
-        tune_config=tune.TuneConfig(metric="dev_macro_f1", mode="max", scheduler=scheduler, num_samples=num_samples),
+        tune_config=tune.TuneConfig(
+            metric="dev_macro_f1", mode="max", scheduler=scheduler, num_samples=num_samples,
+            search_alg=BasicVariantGenerator(random_state=config.seed), max_concurrent_trials=max_concurrent_trials,
+        ),
         run_config=tune.RunConfig(name=f"emotion-tune-{int(time.time())}", storage_path=str(Path(output_dir).expanduser().resolve())),
     )
     results = tuner.fit()
