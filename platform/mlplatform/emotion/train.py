@@ -125,7 +125,7 @@ def make_optimizer(
     the warmup never ended; here warmup lasts ``warmup_ratio`` of all batches, then the rate falls
     linearly to zero at the last batch.
     """
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate, fused=True)
     warmup = math.ceil(settings.warmup_ratio * total_batches)
     return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_batches)
 
@@ -156,6 +156,32 @@ def evaluate(model: EmotionClassifier, loader: torch.utils.data.DataLoader, devi
         if model.target == "intensity":
             metrics["mae"] = float(mean_absolute_error(truth, predicted))
     return metrics
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    max_grad_norm: float,
+    bf16: bool,
+) -> float:
+    """One pass over ``loader``: clipped AdamW steps, the schedule stepped per batch; returns the mean loss."""
+    device = next(model.parameters()).device
+    running, seen = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        running += loss.item() * len(batch["labels"])
+        seen += len(batch["labels"])
+    return running / max(seen, 1)
 
 
 def train_emotion_model(
@@ -204,20 +230,9 @@ def train_emotion_model(
     for epoch in range(settings.epochs):
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
-        running, seen = 0.0, 0
-        for batch in train_loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            running += loss.item() * len(batch["labels"])
-            seen += len(batch["labels"])
+        train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, max_grad_norm=settings.max_grad_norm, bf16=bf16)
         dev = evaluate(classifier, dev_loader, device)
-        metrics = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "learning_rate": scheduler.get_last_lr()[0],
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "learning_rate": scheduler.get_last_lr()[0],
                    **{f"dev_{k}": v for k, v in dev.items()}}
         improved = dev["macro_f1"] > best
         best, stale_epochs = (dev["macro_f1"], 0) if improved else (best, stale_epochs + 1)
