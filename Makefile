@@ -25,6 +25,8 @@ bench: $(STAMP)
 	$(PIP) -e ".[dev,bench]"
 	$(BIN)/python bench/per.py
 	$(BIN)/python bench/cartpole.py
+	$(BIN)/python bench/apex.py
+	$(BIN)/python bench/emotion.py
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --host 127.0.0.1 --port 5000
