@@ -1,8 +1,10 @@
 """Config loading: YAML files, overrides, and one-line errors for unknown keys and bad values."""
 
+from pathlib import Path
+
 import pytest
 
-from mlplatform.config import ConfigError, config_to_dict, load_config, parse_overrides
+from mlplatform.config import ConfigError, config_to_dict, load_config, parse_overrides, read_yaml_mapping
 from mlplatform.rl.agent import DQNConfig
 
 
@@ -50,3 +52,30 @@ def test_bad_files_and_overrides(tmp_path):
         load_config(DQNConfig, broken)
     with pytest.raises(ConfigError, match="must look like key=value"):
         parse_overrides(["seed"])
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+def config_class(path: Path):
+    from mlplatform.emotion.train import EmotionConfig
+    from mlplatform.rl.apex.config import ApexConfig
+
+    if path.name.startswith("emotion"):
+        return EmotionConfig
+    return {"dqn": DQNConfig, "apex": ApexConfig}[read_yaml_mapping(path)["algorithm"]]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_config_loads(path):
+    try:
+        import ale_py  # noqa: F401
+
+        has_ale = True
+    except ImportError:
+        has_ale = False
+    if "ALE/" in path.read_text() and not has_ale:
+        with pytest.raises(ConfigError, match=r"Atari environments need ale-py: pip install 'mlplatform\[atari\]'"):
+            load_config(config_class(path), path)
+    else:
+        assert load_config(config_class(path), path) is not None

@@ -45,13 +45,13 @@ class EmotionConfig:
     """Texts per batch on each worker."""
     learning_rate: float = pydantic.Field(2e-3, gt=0.0)
     """Peak AdamW learning rate, reached at the end of warmup."""
-    weight_decay: float = pydantic.Field(0.01, ge=0.0)
+    weight_decay: float = pydantic.Field(0.1, ge=0.0)
     """AdamW weight decay (never on biases or LayerNorm weights)."""
     warmup_ratio: float = pydantic.Field(0.1, ge=0.0, lt=1.0)
     """Share of all batches spent warming the learning rate up from zero."""
     max_grad_norm: float = pydantic.Field(1.0, gt=0.0)
     """Gradient clipping threshold on the global L2 norm."""
-    dropout: float = pydantic.Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = pydantic.Field(0.3, ge=0.0, lt=1.0)
     """Dropout of the default model (hidden and attention)."""
     hidden_size: int = pydantic.Field(128, ge=8)
     """Width of the default model."""
