@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mlplatform.emotion.labels import EMOTIONS, NUM_EMOTIONS, MAX_INTENSITY, Target
 
@@ -38,20 +38,20 @@ class EmotionClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, target: Target = "single", **config: object) -> EmotionClassifier:
-        """A hub name (e.g. ``cl-tohoku/bert-base-japanese-v3``) or a folder written by :meth:`save_pretrained`.
+        """A saved emotion model, or any BERT-family encoder (hub name or folder) given a new eight-way head.
 
         Raises:
             FileNotFoundError: nothing loadable there (offline, a hub name must be cached).
         """
-        local = Path(name_or_path)
-        if local.is_dir() and (local / "config.json").is_file():
-            model = AutoModelForSequenceClassification.from_pretrained(local, **config)
-            return cls(model)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(name_or_path), num_labels=NUM_EMOTIONS, problem_type=PROBLEM_TYPES[target],
-                id2label=dict(enumerate(EMOTIONS)), label2id={e: i for i, e in enumerate(EMOTIONS)}, **config,
-            )
+            found = AutoConfig.from_pretrained(str(name_or_path))
+            if found.num_labels == NUM_EMOTIONS and found.problem_type in TARGETS:
+                model = AutoModelForSequenceClassification.from_pretrained(str(name_or_path), **config)
+            else:  # a plain encoder (hub BERT, MLM pre-training): a fresh eight-way head on top
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    str(name_or_path), num_labels=NUM_EMOTIONS, problem_type=PROBLEM_TYPES[target],
+                    id2label=dict(enumerate(EMOTIONS)), label2id={e: i for i, e in enumerate(EMOTIONS)}, **config,
+                )
         except OSError as e:
             raise FileNotFoundError(f"no model at {str(name_or_path)!r}: {str(e).splitlines()[0]}") from None
         return cls(model)
