@@ -17,7 +17,7 @@ from sklearn.metrics import f1_score, mean_absolute_error
 from transformers import get_linear_schedule_with_warmup
 
 from mlplatform.config import RUN_CONFIG, config_to_dict
-from mlplatform.emotion.data import EmotionCollator, EmotionDataset, load_corpus, load_wrime_tsv
+from mlplatform.emotion.data import EmotionCollator, EmotionDataset, EmotionExample, load_corpus, load_wrime_tsv
 from mlplatform.emotion.labels import Target
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
@@ -83,7 +83,7 @@ class EmotionConfig:
         return self
 
 
-def load_examples(config: EmotionConfig) -> list:
+def load_examples(config: EmotionConfig) -> list[EmotionExample]:
     """The labelled texts the config points to."""
     return load_wrime_tsv(config.wrime_tsv) if config.wrime_tsv else load_corpus(config.corpus)
 

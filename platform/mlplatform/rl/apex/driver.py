@@ -130,7 +130,10 @@ class _ApexRun:
         self.learner = LearnerActor.options(num_cpus=config.learner_num_cpus, num_gpus=num_gpus).remote(
             obs_space.shape, int(action_space.n), config, self.fleet.shards, "cuda" if num_gpus > 0 else "cpu"
         )
-        self.result = ApexResult(0, 0, 0.0, float("nan"), None, self.latest, [])
+        self.result = ApexResult(
+            env_steps=0, updates=0, seconds=0.0, final_eval_return=float("nan"), solved_at_step=None,
+            checkpoint=self.latest, eval_history=[],
+        )
         if resume:
             counters = ray.get(self.learner.load.remote(str(self.latest)))
             self.result.env_steps, self.result.updates = counters["env_steps"], counters["updates"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import ray
 import torch
@@ -34,8 +36,8 @@ class RolloutWorker:
         self.envs = make_vector_env(config.env_id, config.num_envs)
         space = self.envs.single_observation_space
         seed = config.seed + 10_007 * worker_index + 1_000_003 * incarnation
-        self.agent = DQNAgent(space.shape, int(self.envs.single_action_space.n), config)
-        self.agent.rng = np.random.default_rng(seed)
+        # The worker's own seed drives its exploration; its network weights always come from the learner.
+        self.agent = DQNAgent(space.shape, int(self.envs.single_action_space.n), dataclasses.replace(config, seed=seed))
         self.nstep = NStepAccumulator(
             config.num_envs, space.shape, space.dtype, n_steps=config.n_steps, gamma=config.gamma
         )
