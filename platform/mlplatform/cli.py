@@ -193,6 +193,43 @@ def train_emotion_command(
         typer.echo(tracker.ui_hint())
 
 
+@train_app.command("federated")
+def train_federated_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    seed: SeedOption = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds to run.")] = None,
+    track: TrackOption = True,
+    progress: ProgressOption = True,
+) -> None:
+    """Federated training on Ray: virtual clients on an actor pool, FedAvg/FedProx/robust rules, optional DP-FedAvg.
+
+    Connects to the cluster in RAY_ADDRESS (as under `ray job submit`), else starts a local one.
+    """
+    from mlplatform.emotion.tokenizer import TokenizerSetupError
+    from mlplatform.federated.simulation import FederatedConfig, run_federated
+
+    run_config = load_run_config(FederatedConfig, config, set_, seed=seed, rounds=rounds)
+    privacy = "dp" if run_config.dp else "nodp"
+    result, tracker = run_tracked(
+        lambda tracker: run_federated(run_config, tracker, progress=progress),
+        track=track, experiment_name=run_config.experiment_name,
+        run_name=f"{run_config.task}__{run_config.strategy}__{privacy}__{run_config.seed}__{int(time.time())}",
+        user_errors=(ConfigError, TokenizerSetupError, FileNotFoundError),
+    )
+    last = result.history[-1] if result.history else None
+    typer.echo(f"{result.rounds} rounds in {result.seconds:.1f}s; test accuracy {result.test_metrics['accuracy']:.3f}, "
+               f"macro-F1 {result.test_metrics['macro_f1']:.3f}"
+               + (f"; last round used {last.used} of {last.sampled} sampled clients" if last else ""))
+    if result.epsilon is not None:
+        stop = " (stopped: the next round would pass the target)" if result.stopped_by_budget else ""
+        typer.echo(f"privacy: (ε = {result.epsilon:.3f}, δ = {run_config.delta:g}) with noise multiplier "
+                   f"{result.noise_multiplier:.3f}, {run_config.accountant.upper()} accountant{stop}")
+    typer.echo(f"model: {result.model_dir}")
+    if tracker is not None:
+        typer.echo(tracker.ui_hint())
+
+
 @tune_app.command("emotion")
 def tune_emotion_command(
     config: ConfigOption = None,

@@ -7,6 +7,7 @@ import time
 from collections import deque
 
 import numpy as np
+import psutil
 import ray
 from ray.actor import ActorHandle
 
@@ -26,6 +27,8 @@ class ClientJob:
     indices: np.ndarray
     seed: int
     slowdown_s: float = 0.0
+    corrupt: bool = False
+    """Injected fault: the client sends NaN instead of its update (a diverged or buggy client)."""
 
 
 @ray.remote
@@ -37,10 +40,17 @@ class ClientActor:
 
     def fit(self, job: ClientJob, global_weights: np.ndarray, proximal_mu: float, deadline: float | None) -> FitResult | Failure:
         try:
-            return self.client.fit(job.client_id, global_weights, job.indices, seed=job.seed, proximal_mu=proximal_mu,
-                                   deadline=deadline, slowdown_s=job.slowdown_s)
+            result = self.client.fit(job.client_id, global_weights, job.indices, seed=job.seed, proximal_mu=proximal_mu,
+                                     deadline=deadline, slowdown_s=job.slowdown_s)
         except RoundDeadline:
             return Failure(job.client_id, "deadline")
+        if job.corrupt:
+            result.delta[:] = np.nan
+        return result
+
+    def resident_bytes(self) -> int:
+        """This actor's resident memory."""
+        return psutil.Process().memory_info().rss
 
 
 class ClientPool:
@@ -106,6 +116,10 @@ class ClientPool:
                 outcome = Failure(job.client_id, "error")
             (results if isinstance(outcome, FitResult) else failures).append(outcome)
         return sorted(results, key=lambda r: r.client_id), sorted(failures, key=lambda f: f.client_id)
+
+    def resident_bytes(self) -> int:
+        """Resident memory of all the pool's actors together (it should stay flat from round to round)."""
+        return sum(ray.get([actor.resident_bytes.remote() for actor in self.actors]))
 
     def shutdown(self) -> None:
         """Stop every actor."""

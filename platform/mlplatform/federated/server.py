@@ -15,32 +15,38 @@ from mlplatform.federated.strategy import Failure, FitResult, Strategy
 
 @dataclasses.dataclass(frozen=True)
 class FaultPlan:
-    """Seeded, reproducible fault injection: which sampled clients drop out and which straggle, per round.
+    """Seeded, reproducible fault injection: which sampled clients drop out, straggle or send garbage, per round.
 
     Args:
         dropout_rate: chance that a sampled client never replies.
         slow_rate: chance that a sampled client is slowed down by ``slowdown_s`` seconds.
         slowdown_s: the injected delay.
+        corrupt_rate: chance that a sampled client sends NaN instead of its update.
         seed: the same seed and round always give the same faults.
     """
 
     dropout_rate: float = 0.0
     slow_rate: float = 0.0
     slowdown_s: float = 0.0
+    corrupt_rate: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (0 <= self.dropout_rate <= 1 and 0 <= self.slow_rate <= 1 and self.slowdown_s >= 0):
+        rates = (self.dropout_rate, self.slow_rate, self.corrupt_rate)
+        if not (all(0 <= r <= 1 for r in rates) and self.slowdown_s >= 0):
             raise ValueError(f"need rates in [0, 1] and slowdown_s >= 0, got dropout_rate={self.dropout_rate}, "
-                             f"slow_rate={self.slow_rate}, slowdown_s={self.slowdown_s}")
+                             f"slow_rate={self.slow_rate}, corrupt_rate={self.corrupt_rate}, slowdown_s={self.slowdown_s}")
 
-    def for_round(self, server_round: int, clients: list[int]) -> tuple[set[int], dict[int, float]]:
-        """The clients that drop out, and the delay of each client that stays."""
+    def jobs(self, server_round: int, clients: list[int], partitions: list[np.ndarray], seed: int) -> tuple[list[ClientJob], list[int]]:
+        """The jobs of the clients that stay (some slowed, some corrupt) and the ids of those that drop out."""
         rng = np.random.default_rng([self.seed, server_round, 2])
-        drops, slows = rng.random(len(clients)), rng.random(len(clients))
-        dropped = {c for c, d in zip(clients, drops) if d < self.dropout_rate}
-        delays = {c: (self.slowdown_s if s < self.slow_rate else 0.0) for c, s in zip(clients, slows) if c not in dropped}
-        return dropped, delays
+        drops, slows, corrupts = rng.random((3, len(clients)))
+        jobs = [
+            ClientJob(c, partitions[c], seed=int(np.random.SeedSequence([seed, server_round, c]).generate_state(1)[0]),
+                      slowdown_s=self.slowdown_s if slow < self.slow_rate else 0.0, corrupt=bool(corrupt < self.corrupt_rate))
+            for c, drop, slow, corrupt in zip(clients, drops, slows, corrupts) if drop >= self.dropout_rate
+        ]
+        return jobs, [c for c, drop in zip(clients, drops) if drop < self.dropout_rate]
 
 
 @dataclasses.dataclass
@@ -59,6 +65,7 @@ class RoundReport:
     update_norm: float
     seconds: float
     epsilon: float | None = None
+    actor_memory_mb: float | None = None
     evaluation: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
@@ -70,6 +77,8 @@ class RoundReport:
         }
         if self.epsilon is not None:
             values["privacy/epsilon"] = self.epsilon
+        if self.actor_memory_mb is not None:
+            values["perf/actor_memory_mb"] = self.actor_memory_mb
         return values | {f"eval/{k}": v for k, v in self.evaluation.items()}
 
 
@@ -115,13 +124,10 @@ class FederatedServer:
         """Run one round on ``pool`` and move the global weights."""
         start = time.perf_counter()
         sampled = self.strategy.configure_fit(server_round, len(self.partitions), np.random.default_rng([self.seed, server_round, 1]))
-        dropped, delays = self.faults.for_round(server_round, sampled)
-        jobs = [ClientJob(c, self.partitions[c], seed=int(np.random.SeedSequence([self.seed, server_round, c]).generate_state(1)[0]),
-                           slowdown_s=delays[c])
-                for c in sampled if c not in dropped]
+        jobs, dropped = self.faults.jobs(server_round, sampled, self.partitions, self.seed)
         proximal_mu = self.strategy.fit_config(server_round).get("proximal_mu", 0.0)
         arrived, failures = pool.run_round(self.weights, jobs, proximal_mu=proximal_mu, deadline_s=deadline_s)
-        failures = failures + [Failure(c, "dropped") for c in sorted(dropped)]
+        failures = failures + [Failure(c, "dropped") for c in dropped]
         results = []
         for result in arrived:
             problem = update_problem(result.delta, max_norm=self.max_update_norm)

@@ -16,6 +16,7 @@ import torch
 from pydantic.dataclasses import dataclass
 from tqdm.auto import tqdm
 
+from mlplatform.cluster import connect_ray
 from mlplatform.config import RUN_CONFIG, ConfigError, config_to_dict
 from mlplatform.federated.client import ClientConfig, FederatedClient, flat_weights, load_flat_weights
 from mlplatform.federated.partition import dirichlet_partition, iid_partition, writer_partition
@@ -46,6 +47,8 @@ class FederatedConfig(ClientConfig):
     """emotion task: layers of the default model."""
     max_length: int = pydantic.Field(128, ge=8)
     """emotion task: tokens per text."""
+    train_head_only: bool = False
+    """emotion task: federate only the classification head (the encoder stays as loaded); keeps DP noise small."""
     partition: Literal["iid", "dirichlet", "writer"] = "dirichlet"
     """How the training split is dealt to clients; writer gives each writer id its own client."""
     num_clients: int = pydantic.Field(100, ge=1)
@@ -74,6 +77,8 @@ class FederatedConfig(ClientConfig):
     """Injected: chance that a sampled client is slowed by slowdown_s."""
     slowdown_s: float = pydantic.Field(0.0, ge=0.0)
     """Injected delay of a slowed client."""
+    corrupt_rate: float = pydantic.Field(0.0, ge=0.0, le=1.0)
+    """Injected: chance that a sampled client sends NaN instead of its update."""
     max_update_norm: float | None = pydantic.Field(None, gt=0.0)
     """Reject client updates longer than this (non-finite updates are always rejected)."""
     dp: bool = False
@@ -137,7 +142,8 @@ def build_task(config: FederatedConfig) -> FederatedTask:
         load_tokenizer(tokenizer)
     model = str(Path(config.model).resolve()) if config.model and Path(config.model).exists() else config.model
     return EmotionTask(tokenizer=tokenizer, model=model, corpus=corpus, max_length=config.max_length,
-                       model_options={"hidden_size": config.hidden_size, "num_layers": config.num_layers})
+                       model_options={"hidden_size": config.hidden_size, "num_layers": config.num_layers},
+                       train_head_only=config.train_head_only)
 
 
 def build_partitions(config: FederatedConfig, task: FederatedTask) -> list[np.ndarray]:
@@ -201,7 +207,7 @@ def default_num_actors() -> int:
 
 
 def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progress: bool = True) -> FederatedResult:
-    """Run a federation on the connected Ray cluster (a local one is started if none is).
+    """Run a federation on the cluster in ``RAY_ADDRESS``, else on a fresh local one.
 
     Args:
         config: the run's settings.
@@ -211,8 +217,7 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
     Raises:
         ConfigError: a partition that cannot be made from the data.
     """
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     start = time.perf_counter()
     task = build_task(config)
     try:
@@ -229,7 +234,8 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
     server = FederatedServer(weights, strategy, partitions, seed=config.seed, server_learning_rate=config.server_learning_rate,
                              max_update_norm=config.max_update_norm,
                              faults=FaultPlan(dropout_rate=config.dropout_rate, slow_rate=config.slow_rate,
-                                              slowdown_s=config.slowdown_s, seed=config.seed))
+                                              slowdown_s=config.slowdown_s, corrupt_rate=config.corrupt_rate,
+                                              seed=config.seed))
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
     pool = ClientPool(task, client_config(config), num_actors=config.num_actors or default_num_actors(), num_gpus=gpus)
     dp = strategy if isinstance(strategy, DifferentialPrivacy) else None
@@ -245,6 +251,7 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
                 break
             report = server.run_round(server_round, pool, deadline_s=config.round_deadline_s)
             report.evaluation = strategy.evaluate(server_round, server.weights) or {}
+            report.actor_memory_mb = pool.resident_bytes() / 2**20
             history.append(report)
             bar.set_postfix_str(_progress_line(report), refresh=False)
             if tracker is not None:

@@ -161,15 +161,19 @@ class EmotionTask(CorpusTask):
         corpus: JSONL file or folder; None uses the bundled corpus.
         max_length: tokens per text.
         model_options: ``EmotionClassifier.from_config`` sizes for the default model.
+        train_head_only: freeze the encoder and federate only the classification head. Under DP this
+            matters: the noise's norm grows with the square root of the trained weights' count.
     """
 
     def __init__(self, *, tokenizer: str, model: str | None = None, corpus: str | None = None,
-                 max_length: int = 128, model_options: dict[str, Any] | None = None) -> None:
+                 max_length: int = 128, model_options: dict[str, Any] | None = None,
+                 train_head_only: bool = False) -> None:
         self.tokenizer_path = tokenizer
         self.model_path = model
         self.corpus = corpus
         self.max_length = max_length
         self.model_options = dict(model_options or {})
+        self.train_head_only = train_head_only
 
     @functools.cached_property
     def _tokenizer(self) -> Any:
@@ -187,9 +191,14 @@ class EmotionTask(CorpusTask):
 
     def build_model(self) -> nn.Module:
         if self.model_path is not None:
-            return EmotionClassifier.from_pretrained(self.model_path, target="single")
-        return EmotionClassifier.from_config(self._tokenizer, target="single", max_length=self.max_length,
-                                             **self.model_options)
+            model = EmotionClassifier.from_pretrained(self.model_path, target="single")
+        else:
+            model = EmotionClassifier.from_config(self._tokenizer, target="single", max_length=self.max_length,
+                                                  **self.model_options)
+        if self.train_head_only:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad = name.startswith("model.classifier.")
+        return model
 
     def train_examples(self) -> list[EmotionExample]:
         return self._splits["train"].examples
@@ -208,4 +217,5 @@ class EmotionTask(CorpusTask):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"tokenizer_path": self.tokenizer_path, "model_path": self.model_path, "corpus": self.corpus,
-                "max_length": self.max_length, "model_options": self.model_options}
+                "max_length": self.max_length, "model_options": self.model_options,
+                "train_head_only": self.train_head_only}

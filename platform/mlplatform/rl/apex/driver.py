@@ -15,6 +15,7 @@ import torch
 from ray.actor import ActorHandle
 from tqdm.auto import tqdm
 
+from mlplatform.cluster import connect_ray
 from mlplatform.config import ConfigError, config_to_dict
 from mlplatform.rl.agent import DQNAgent
 from mlplatform.rl.apex.config import ApexConfig, apex_epsilons
@@ -326,7 +327,7 @@ def train_apex(
     progress: bool = True,
     extra: dict | None = None,
 ) -> ApexResult:
-    """Train Ape-X DQN on the connected Ray cluster (``ray.init()`` starts a local one if none is).
+    """Train Ape-X DQN on the cluster in ``RAY_ADDRESS``, else on a fresh local one (see :func:`~mlplatform.cluster.connect_ray`).
 
     Experience and updates stay near ``updates_per_step``: workers pause while the learner is
     behind and the learner waits while workers are, so a run learns the same on a slow laptop
@@ -345,6 +346,5 @@ def train_apex(
     Raises:
         ConfigError: the action space is not discrete, or ``resume`` finds no checkpoint.
     """
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     return _ApexRun(config, tracker, resume, progress, dict(extra or {})).run()
