@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cartpole.py
 	$(BIN)/python bench/apex.py
 	$(BIN)/python bench/emotion.py
+	$(BIN)/python bench/federated.py
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --host 127.0.0.1 --port 5000
