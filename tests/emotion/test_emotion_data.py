@@ -84,6 +84,13 @@ def test_targets_for_each_head(tokenizer):
     np.testing.assert_allclose(intensity.labels[0], [0, 2.33, 0, 2.33, 0.33, 1.0, 0.67, 0], rtol=1e-5)
 
 
+def test_soft_single_targets_are_the_normalised_intensities(tokenizer):
+    examples = load_corpus(DATA / "mini.jsonl")
+    soft = EmotionDataset(examples, tokenizer, soft_labels=True).labels
+    assert soft.shape == (len(examples), 8) and np.allclose(soft.sum(axis=1), 1.0)
+    assert soft.argmax(axis=1).tolist() == [e.dominant for e in examples]  # the argmax is still the class
+
+
 def test_long_texts_are_truncated_keeping_the_closing_token(tokenizer, caplog):
     examples = load_corpus(DATA / "mini.jsonl")[:2]
     dataset = EmotionDataset(examples, tokenizer, max_length=8)

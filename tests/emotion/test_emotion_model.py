@@ -48,3 +48,13 @@ def test_the_encoder_weights_are_kept_and_a_saved_model_loads_as_itself(encoder_
 def test_a_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model at"):
         EmotionClassifier.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_single_target_takes_a_soft_label_distribution(encoder_folder):
+    classifier = EmotionClassifier.from_pretrained(encoder_folder, target="single")
+    input_ids, mask = torch.randint(5, 60, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    hard = classifier(input_ids, mask, labels=torch.tensor([1, 3]))
+    one_hot = classifier(input_ids, mask, labels=torch.nn.functional.one_hot(torch.tensor([1, 3]), 8).float())
+    assert one_hot.loss.item() == pytest.approx(hard.loss.item(), rel=1e-5)  # one-hot soft labels = hard labels
+    soft = classifier(input_ids, mask, labels=torch.full((2, 8), 1 / 8))
+    assert soft.loss.item() == pytest.approx(-hard.logits.log_softmax(-1).mean(-1).mean().item(), rel=1e-5)

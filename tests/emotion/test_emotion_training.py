@@ -74,8 +74,9 @@ def test_ray_train_on_two_workers_reports_and_keeps_the_best_model(local_ray, tm
 def test_tune_with_asha_stops_some_trials_and_returns_the_best(local_ray, tmp_path):
     db = f"sqlite:///{tmp_path}/m.db"
     # The bundled corpus, so that trials differ enough for ASHA to rank them; a tiny model keeps it
-    # fast, and one trial at a time with a seeded search makes ASHA's decisions repeatable.
-    config = EmotionConfig(**{**TINY, "corpus": None, "vocab_size": 2000}, epochs=4, max_length=64)
+    # fast, and one trial at a time with a seeded search makes ASHA's decisions repeatable (hard
+    # labels: the trials this seeded search draws are ranked apart by ASHA under them).
+    config = EmotionConfig(**{**TINY, "corpus": None, "vocab_size": 2000}, epochs=4, max_length=64, soft_labels=False)
     with ExperimentTracker("emotion-study", tracking_uri=db) as parent:
         study = tune_emotion(config, parent, num_samples=4, grace_period=1, max_concurrent_trials=1, output_dir=tmp_path / "tune")
     assert study.trials == 4

@@ -126,11 +126,15 @@ def _example(text: Any, writer: str, split: Any, values: Sequence[Any], where: s
     return EmotionExample(text.strip(), writer, split, tuple(float(v) for v in values))
 
 
-def targets_of(examples: Sequence[EmotionExample], target: Target) -> np.ndarray:
-    """Training targets: class index (single), presence 0/1 per emotion (multi), or raw 0-3 (intensity)."""
+def targets_of(examples: Sequence[EmotionExample], target: Target, *, soft: bool = False) -> np.ndarray:
+    """Training targets: class index (single), presence 0/1 per emotion (multi), or raw 0-3 (intensity).
+
+    With ``soft``, the single target is instead the intensities normalised to sum to one (a
+    distribution over the eight emotions whose argmax is still the dominant one).
+    """
     intensity = np.array([e.intensity for e in examples], dtype=np.float32).reshape(-1, NUM_EMOTIONS)
     if target == "single":
-        return intensity.argmax(axis=1)
+        return intensity / intensity.sum(axis=1, keepdims=True) if soft else intensity.argmax(axis=1)
     if target == "multi":
         return (intensity >= 1).astype(np.float32)
     return intensity
@@ -152,6 +156,7 @@ class EmotionDataset(torch.utils.data.Dataset):
         tokenizer: a Japanese tokenizer from :mod:`mlplatform.emotion.tokenizer`.
         target: ``"single"``, ``"multi"`` or ``"intensity"``.
         max_length: longer texts are truncated (a warning says how many, once).
+        soft_labels: single target only: the normalised intensities instead of the class index.
     """
 
     def __init__(
@@ -161,6 +166,7 @@ class EmotionDataset(torch.utils.data.Dataset):
         *,
         target: Target = "single",
         max_length: int = 128,
+        soft_labels: bool = False,
     ) -> None:
         if target == "single":
             kept = [e for e in examples if max(e.intensity) > 0]
@@ -175,7 +181,7 @@ class EmotionDataset(torch.utils.data.Dataset):
         if too_long:
             log.warning("%d of %d texts are longer than %d tokens and were truncated", too_long, len(encoded), max_length)
         self.input_ids = [truncate(ids, max_length) for ids in encoded]
-        self.labels = targets_of(self.examples, target)
+        self.labels = targets_of(self.examples, target, soft=soft_labels)
 
     def __len__(self) -> int:
         return len(self.examples)

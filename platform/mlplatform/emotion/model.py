@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from mlplatform.emotion.labels import EMOTIONS, NUM_EMOTIONS, MAX_INTENSITY, Target
 
@@ -87,7 +88,14 @@ class EmotionClassifier(nn.Module):
         return cls(AutoModelForSequenceClassification.from_config(config))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
-        """The Hugging Face output: ``logits`` (B, 8) and, given labels, the target's ``loss``."""
+        """The Hugging Face output: ``logits`` (B, 8) and, given labels, the target's ``loss``.
+
+        For the single target, ``labels`` may also be a (B, 8) distribution (soft labels); the
+        loss is then the cross-entropy against it.
+        """
+        if self.target == "single" and labels is not None and labels.is_floating_point():
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return SequenceClassifierOutput(loss=nn.functional.cross_entropy(logits.float(), labels), logits=logits)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:

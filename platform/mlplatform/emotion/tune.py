@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlplatform.cluster import connect_ray
 from mlplatform.config import config_to_dict
 from mlplatform.emotion.train import EmotionConfig, prepare_tokenizer, score_checkpoint, train_emotion_model, with_absolute_paths
 
@@ -109,8 +110,7 @@ def tune_emotion(
     from ray.tune.search import BasicVariantGenerator
 
     started = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     config = with_absolute_paths(config)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     # ASHA decides which trials stop, so per-trial early stopping is switched off.
