@@ -72,6 +72,7 @@ class ClientPool:
         self._task, self._config = task, config
         self.actors: list[ActorHandle] = [self._start() for _ in range(num_actors)]
         self.actors_replaced = 0
+        self.resident_bytes()  # wait until every actor has built its model, so round deadlines time training only
 
     def _start(self) -> ActorHandle:
         return self._factory.remote(self._task, self._config)

@@ -227,7 +227,7 @@ class DifferentialPrivacy(Strategy):
 
     def describe(self) -> dict[str, object]:
         return self.inner.describe() | {
-            "dp": "DP-FedAvg", "dp_noise_multiplier": self.noise_multiplier, "dp_clip_norm": self.clip_norm,
+            "dp_mechanism": "DP-FedAvg", "dp_noise_multiplier": self.noise_multiplier, "dp_clip_norm": self.clip_norm,
             "dp_sample_rate": self.sample_rate, "dp_delta": self.accountant.delta, "dp_accountant": self.accountant.kind,
             "dp_target_epsilon": self.target_epsilon,
         }

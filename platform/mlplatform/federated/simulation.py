@@ -110,6 +110,10 @@ class FederatedConfig(ClientConfig):
     def _dp_has_noise(self) -> FederatedConfig:
         if self.dp and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("dp needs noise_multiplier or target_epsilon")
+        if self.strategy == "fedprox" and self.optimizer == "sgd" and self.proximal_mu * self.learning_rate >= 2:
+            # SGD on the proximal term alone multiplies the distance to the global model by (1 - lr·μ) each step
+            raise ValueError(f"fedprox with sgd diverges when proximal_mu * learning_rate >= 2, got "
+                             f"{self.proximal_mu} * {self.learning_rate}")
         return self
 
 
@@ -217,13 +221,13 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
     Raises:
         ConfigError: a partition that cannot be made from the data.
     """
-    connect_ray()
     start = time.perf_counter()
-    task = build_task(config)
+    task = build_task(config)  # data, tokenizer and partitions are checked before Ray starts
     try:
         partitions = build_partitions(config, task)
     except ValueError as e:
         raise ConfigError(f"partition: {e}") from None
+    connect_ray()
     model, weights = initial_weights(task, config.seed)
 
     def evaluate(flat: np.ndarray, split: str = "dev") -> dict[str, float]:

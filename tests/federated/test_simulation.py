@@ -1,0 +1,110 @@
+"""Federated runs on a real two-CPU Ray: virtual clients, non-IID accuracy, faults, DP and MLflow logging."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from mlplatform.config import load_config
+from mlplatform.emotion.model import EmotionClassifier
+from mlplatform.federated.pool import ClientPool
+from mlplatform.federated.server import FederatedServer
+from mlplatform.federated.simulation import (
+    FederatedConfig, build_partitions, build_strategy, build_task, client_config, initial_weights, run_federated,
+    train_centralized,
+)
+from mlplatform.mlops.tracking import ExperimentTracker
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+REPO_CONFIGS = "jobs/configs"
+
+
+def tiny(tmp_path, **options) -> FederatedConfig:
+    values = {"num_features": 512, "num_actors": 2, "output_dir": str(tmp_path / "model")} | options
+    return FederatedConfig(**values)
+
+
+def test_a_hundred_virtual_clients_complete_five_rounds_on_two_actors(tmp_path):
+    result = run_federated(tiny(tmp_path, num_clients=100, fraction_fit=1.0, rounds=5), progress=False)
+    assert [r.used for r in result.history] == [100] * 5
+    assert all(r.aggregated for r in result.history)
+    assert (tmp_path / "model" / "model.pt").is_file() and (tmp_path / "model" / "federated.json").is_file()
+
+
+def test_non_iid_fedavg_comes_within_five_points_of_centralized_training(tmp_path):
+    config = dataclasses.replace(load_config(FederatedConfig, f"{REPO_CONFIGS}/federated_tiny.yaml"),
+                                 num_actors=2, output_dir=str(tmp_path / "model"))
+    assert (config.partition, config.alpha, config.num_clients) == ("dirichlet", 0.5, 100)
+    federated = run_federated(config, progress=False)
+    centralized = train_centralized(config, epochs=20)
+    print(f"test accuracy: federated {federated.test_metrics['accuracy']:.3f}, centralized {centralized['accuracy']:.3f}")
+    assert federated.test_metrics["accuracy"] >= centralized["accuracy"] - 0.05
+    assert centralized["accuracy"] > 0.3  # both far above the 1-in-8 guess
+    memory = [r.actor_memory_mb for r in federated.history]
+    assert memory[99] <= 1.05 * memory[9]  # a fixed pool: no growth from round 10 to round 100
+
+
+def test_every_round_completes_with_thirty_percent_dropout(tmp_path):
+    result = run_federated(tiny(tmp_path, dropout_rate=0.3, fraction_fit=0.2, rounds=5), progress=False)
+    assert all(r.aggregated for r in result.history)
+    assert sum(r.dropped for r in result.history) > 0
+    assert all(r.used + r.dropped == r.sampled for r in result.history)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "median"])
+def test_nan_clients_are_rejected_and_the_model_stays_finite(tmp_path, strategy):
+    result = run_federated(tiny(tmp_path, corrupt_rate=0.3, fraction_fit=0.2, rounds=4, strategy=strategy), progress=False)
+    assert sum(r.rejected for r in result.history) > 0
+    assert all(np.isfinite(r.update_norm) for r in result.history)
+    assert np.isfinite(result.test_metrics["loss"]) and result.test_metrics["accuracy"] > 0
+
+
+def test_a_round_closes_at_its_deadline_without_its_stragglers(tmp_path):
+    result = run_federated(tiny(tmp_path, slow_rate=0.3, slowdown_s=30.0, round_deadline_s=2.0, fraction_fit=0.2,
+                                rounds=3), progress=False)
+    assert all(r.seconds <= 2.0 * 1.05 for r in result.history), [r.seconds for r in result.history]
+    assert sum(r.late for r in result.history) > 0 and all(r.used > 0 for r in result.history)
+
+
+def test_a_killed_client_actor_is_replaced_and_the_round_goes_on(tmp_path):
+    config = tiny(tmp_path, fraction_fit=0.2)
+    task = build_task(config)
+    _, weights = initial_weights(task, 0)
+    server = FederatedServer(weights, build_strategy(config), build_partitions(config, task))
+    pool = ClientPool(task, client_config(config), num_actors=2)
+    try:
+        ray.kill(pool.actors[0])
+        report = server.run_round(1, pool)
+        assert pool.actors_replaced == 1 and report.errors >= 1 and report.used >= 1 and report.aggregated
+        assert server.run_round(2, pool).used == report.sampled  # the replacement serves the next round in full
+    finally:
+        pool.shutdown()
+
+
+def test_dp_run_logs_epsilon_every_round_and_stops_before_the_target(tmp_path):
+    db = f"sqlite:///{tmp_path}/m.db"
+    config = tiny(tmp_path, dp=True, noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.2, target_epsilon=3.0,
+                  rounds=100, eval_every=5)
+    with ExperimentTracker("federated", tracking_uri=db) as tracker:
+        result = run_federated(config, tracker, progress=False)
+    assert result.stopped_by_budget and 0 < result.rounds < 100
+    assert result.epsilon <= 3.0
+    epsilons = [m.value for m in MlflowClient(db).get_metric_history(tracker.run_id, "privacy/epsilon")]
+    assert len(epsilons) == result.rounds and epsilons == sorted(epsilons) and epsilons[-1] == result.epsilon
+    params = MlflowClient(db).get_run(tracker.run_id).data.params
+    assert params["dp_accountant"] == "pld" and params["dp"] == "True" and params["dp_mechanism"] == "DP-FedAvg"
+
+
+def test_the_emotion_model_federated_by_writer_under_dp(tmp_path):
+    config = dataclasses.replace(load_config(FederatedConfig, f"{REPO_CONFIGS}/federated_emotion_dp.yaml"),
+                                 rounds=2, num_actors=2, hidden_size=32, num_layers=1, output_dir=str(tmp_path / "model"))
+    result = run_federated(config, progress=False)
+    assert result.rounds == 2 and 0 < result.epsilon <= config.target_epsilon
+    assert result.history[0].sampled > 0 and result.noise_multiplier > 0
+    trained = EmotionClassifier.from_pretrained(tmp_path / "model").state_dict()
+    start, _ = initial_weights(build_task(config), config.seed)
+    changed = {name for name, value in start.state_dict().items() if not torch.equal(value, trained[name])}
+    assert changed == {"model.classifier.weight", "model.classifier.bias"}  # only the head was federated
