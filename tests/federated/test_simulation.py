@@ -108,3 +108,7 @@ def test_the_emotion_model_federated_by_writer_under_dp(tmp_path):
     start, _ = initial_weights(build_task(config), config.seed)
     changed = {name for name, value in start.state_dict().items() if not torch.equal(value, trained[name])}
     assert changed == {"model.classifier.weight", "model.classifier.bias"}  # only the head was federated
+    # a saved model fine-tunes further with the tokenizer saved beside it, whatever vocabulary it was built with
+    again = dataclasses.replace(config, model=str(tmp_path / "model"), rounds=1, output_dir=str(tmp_path / "again"))
+    assert build_task(again).tokenizer_path == str(tmp_path / "model")
+    assert run_federated(again, progress=False).rounds == 1

@@ -38,7 +38,7 @@ class FederatedConfig(ClientConfig):
     model: str | None = None
     """emotion task: a saved emotion model or encoder to fine-tune; None builds the small default BERT."""
     tokenizer: str | None = None
-    """emotion task: tokenizer path or hub name; None trains the project's WordPiece vocabulary."""
+    """emotion task: tokenizer path or hub name; None uses the model's own, or trains the project's WordPiece vocabulary."""
     num_features: int = pydantic.Field(4096, ge=8)
     """ngram task: hash buckets."""
     hidden_size: int = pydantic.Field(128, ge=8)
@@ -139,12 +139,13 @@ def build_task(config: FederatedConfig) -> FederatedTask:
     from mlplatform.emotion.data import load_corpus
     from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
 
-    if config.tokenizer is None:
-        tokenizer = default_tokenizer([e.text for e in load_corpus(corpus) if e.split == "train"]).name_or_path
-    else:
-        tokenizer = str(Path(config.tokenizer).resolve()) if Path(config.tokenizer).exists() else config.tokenizer
-        load_tokenizer(tokenizer)
     model = str(Path(config.model).resolve()) if config.model and Path(config.model).exists() else config.model
+    if config.tokenizer is None and model is None:
+        tokenizer = default_tokenizer([e.text for e in load_corpus(corpus) if e.split == "train"]).name_or_path
+    else:  # a model's own folder or hub name carries the tokenizer it was trained with
+        named = config.tokenizer or model
+        tokenizer = str(Path(named).resolve()) if Path(named).exists() else named
+        load_tokenizer(tokenizer)
     return EmotionTask(tokenizer=tokenizer, model=model, corpus=corpus, max_length=config.max_length,
                        model_options={"hidden_size": config.hidden_size, "num_layers": config.num_layers},
                        train_head_only=config.train_head_only)
