@@ -31,6 +31,8 @@ tune_app = typer.Typer(help="Search hyper-parameters with Ray Tune; the study is
 app.add_typer(tune_app, name="tune")
 predict_app = typer.Typer(help="Answer inputs with a trained model.", no_args_is_help=True)
 app.add_typer(predict_app, name="predict")
+models_app = typer.Typer(help="The model registry (MLflow's, in the same store as the runs).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 
 def fail(message: str) -> NoReturn:
@@ -275,6 +277,92 @@ def predict_emotion_command(
         typer.echo(f"{text}\n  -> {prediction.label} ({EMOTIONS_JA[prediction.label]})")
         for emotion, score in prediction.scores.items():
             typer.echo(f"     {emotion:<13}{EMOTIONS_JA[emotion]:<4} {score:.3f}")
+
+
+def open_registry() -> Any:
+    """The registry on the default store, or a one-line exit."""
+    from mlplatform.mlops.registry import ModelRegistry, RegistryError
+
+    try:
+        return ModelRegistry()
+    except RegistryError as e:
+        fail(str(e))
+
+
+def show_version(version: Any) -> None:
+    """One line per version: name, number, aliases, kind and source run."""
+    aliases = ", ".join(f"@{a}" for a in version.aliases) or "-"
+    typer.echo(f"{version.name:<16} v{version.version:<4} {aliases:<24} {version.kind:<8} run {version.run_id}  {version.artifact_path}")
+
+
+@models_app.command("list")
+def models_list_command(name: Annotated[str | None, typer.Argument(help="Only this model's versions.")] = None) -> None:
+    """List registered model versions, newest first, with their aliases."""
+    from mlplatform.mlops.registry import RegistryError
+
+    try:
+        versions = open_registry().search_model_versions(name)
+    except RegistryError as e:
+        fail(str(e))
+    for version in versions:
+        show_version(version)
+    if not versions:
+        typer.echo("no registered models" if name is None else f"no versions of {name!r}")
+
+
+@models_app.command("register")
+def models_register_command(
+    name: Annotated[str, typer.Argument(help="Registered model name, e.g. emotion or cartpole.")],
+    run_id: Annotated[str, typer.Option("--run-id", help="The MLflow run that produced the model.")],
+    artifact_path: Annotated[str | None, typer.Option(help="The model inside the run's artifacts (found when omitted).")] = None,
+    alias: Annotated[str | None, typer.Option(help="Point this alias at the new version, e.g. champion.")] = None,
+    description: Annotated[str, typer.Option(help="Shown with the version.")] = "",
+) -> None:
+    """Register a run's model as a new version (the registered model is created on first use)."""
+    from mlplatform.mlops.registry import RegistryError
+
+    registry = open_registry()
+    try:
+        version = registry.register_model(name, run_id=run_id, artifact_path=artifact_path, description=description)
+        if alias is not None:
+            version = registry.set_alias(name, alias, version.version)
+    except RegistryError as e:
+        fail(str(e))
+    show_version(version)
+
+
+@models_app.command("promote")
+def models_promote_command(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version number to promote.")],
+    alias: Annotated[str, typer.Option(help="The alias to move.")] = "champion",
+) -> None:
+    """Move an alias (champion by default) to a version; deployments that follow the alias pick it up."""
+    from mlplatform.mlops.registry import RegistryError
+
+    try:
+        show_version(open_registry().set_alias(name, alias, version))
+    except RegistryError as e:
+        fail(str(e))
+
+
+@models_app.command("show")
+def models_show_command(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    ref: Annotated[str, typer.Argument(help="Version number or alias.")] = "champion",
+) -> None:
+    """Show one version (by number or alias) with its metadata."""
+    from mlplatform.mlops.registry import RegistryError
+
+    try:
+        version = open_registry().get_model_version(name, ref)
+    except RegistryError as e:
+        fail(str(e))
+    show_version(version)
+    for key, value in sorted(version.tags.items()):
+        typer.echo(f"  {key}: {value}")
+    if version.description:
+        typer.echo(f"  {version.description}")
 
 
 def main() -> None:

@@ -42,7 +42,9 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-__all__ = ["ExperimentTracker", "TrackingError", "default_tracking_uri", "tracking_env_vars"]
+__all__ = [
+    "ExperimentTracker", "TrackingError", "default_tracking_uri", "open_client", "tracking_env_vars", "translated_errors",
+]
 
 _RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _UI_ADDRESS = "http://127.0.0.1:5000"
@@ -126,7 +128,7 @@ class ExperimentTracker:
         self._pending: list[Metric] = []
         self._finished = False
         with self._calling("open the store"):
-            self._client = _open_client(self._uri)
+            self._client = open_client(self._uri)
             self._experiment_id = self._get_or_create_experiment(experiment_name)
         with self._calling("start the run" if run_id is None else f"find run {run_id!r}"):
             if run_id is None:
@@ -372,18 +374,22 @@ class ExperimentTracker:
     def _runs_uri(self, artifact_path: str) -> str:
         return f"runs:/{self._run_id}/{artifact_path}"
 
-    @contextlib.contextmanager
-    def _calling(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except MlflowException as e:
-            message = f"{action} on {self._uri} failed: {_first_line(e.message)}"
-            raise TrackingError(message, error_code=e.error_code) from e
-        except (OSError, sqlite3.Error) as e:
-            raise TrackingError(f"{action} on {self._uri} failed: {_first_line(str(e))}") from e
+    def _calling(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return translated_errors(action, self._uri)
 
 
-def _open_client(uri: str) -> MlflowClient:
+@contextlib.contextmanager
+def translated_errors(action: str, uri: str, error: type[TrackingError] = TrackingError) -> Iterator[None]:
+    """Turn MLflow's and the file system's errors into one-line ``error`` carrying MLflow's code."""
+    try:
+        yield
+    except MlflowException as e:
+        raise error(f"{action} on {uri} failed: {_first_line(e.message)}", error_code=e.error_code) from e
+    except (OSError, sqlite3.Error) as e:
+        raise error(f"{action} on {uri} failed: {_first_line(str(e))}") from e
+
+
+def open_client(uri: str) -> MlflowClient:
     """A client on ``uri``; a SQLite file is switched to WAL, and a fresh one gets its schema.
 
     MLflow builds the schema as the client is constructed, and its migrations break when two
