@@ -59,10 +59,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 def config_class(path: Path):
     from mlplatform.emotion.train import EmotionConfig
+    from mlplatform.federated.simulation import FederatedConfig
     from mlplatform.rl.apex.config import ApexConfig
 
     if path.name.startswith("emotion"):
         return EmotionConfig
+    if path.name.startswith("federated"):
+        return FederatedConfig
     return {"dqn": DQNConfig, "apex": ApexConfig}[read_yaml_mapping(path)["algorithm"]]
 
 
