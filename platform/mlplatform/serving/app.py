@@ -1,0 +1,107 @@
+"""The HTTP API: a FastAPI ingress (OpenAPI at /docs) over the model deployments, and the app builder for Serve configs."""
+
+import asyncio
+import os
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from mlplatform.serving.deployments import EmotionModel, PolicyModel
+from mlplatform.serving.schemas import (
+    MAX_BODY_BYTES, EmotionPrediction, EmotionRequest, EmotionResponse, ModelInfo, ModelsResponse, PolicyRequest,
+    PolicyResponse,
+)
+
+api = FastAPI(title="mlplatform", summary="Registered emotion and DQN-policy models, served by Ray Serve.")
+
+
+@api.middleware("http")
+async def limit_body_size(request: Request, call_next: Any) -> Any:
+    """413 before reading a body larger than MAX_BODY_BYTES; 411 for a POST that does not say its length."""
+    if request.method == "POST":
+        length = request.headers.get("content-length")
+        if length is None:
+            return JSONResponse({"detail": "send a Content-Length header"}, status_code=411)
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": f"body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
+    return await call_next(request)
+
+
+@api.exception_handler(RequestValidationError)
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field, without echoing the input (it may be huge, or NaN that JSON cannot carry)."""
+    details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+    return JSONResponse({"detail": details}, status_code=422)
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class Ingress:
+    """Validates requests, fans them out to the model deployments and shapes the answers."""
+
+    def __init__(self, emotion: DeploymentHandle | None, policies: dict[str, DeploymentHandle]) -> None:
+        self.emotion = emotion
+        self.policies = policies
+
+    @api.post("/v1/emotion", response_model=EmotionResponse)
+    async def classify(self, body: EmotionRequest) -> EmotionResponse:
+        """Label and eight probabilities for each text."""
+        if self.emotion is None:
+            raise HTTPException(404, "no emotion model is deployed")
+        results = await asyncio.gather(*(self.emotion.predict.remote(text) for text in body.texts()))
+        errors = [f"text {i}: {r['error']}" for i, r in enumerate(results) if "error" in r]
+        if errors:
+            raise HTTPException(422, "; ".join(errors))
+        info = await self.emotion.info.remote()
+        return EmotionResponse(model=info["name"], version=results[0]["version"],
+                               predictions=[EmotionPrediction(label=r["label"], scores=r["scores"]) for r in results])
+
+    @api.post("/v1/policy/{name}", response_model=PolicyResponse)
+    async def act(self, name: str, body: PolicyRequest) -> PolicyResponse:
+        """The greedy action and the Q-values of policy ``name`` for one observation."""
+        if name not in self.policies:
+            raise HTTPException(404, f"no policy named {name!r}; deployed: {sorted(self.policies)}")
+        result = await self.policies[name].act.remote(body.observation)
+        if "error" in result:
+            raise HTTPException(422, [{"loc": ["body", "observation"], "msg": result["error"], "type": "value_error"}])
+        return PolicyResponse(model=name, version=result["version"], action=result["action"], q_values=result["q_values"])
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """200 while the ingress answers."""
+        return {"status": "ok"}
+
+    @api.get("/v1/models", response_model=ModelsResponse)
+    async def models(self) -> ModelsResponse:
+        """Each deployed model: registry name, kind, serving version and the alias it follows."""
+        handles = ([self.emotion] if self.emotion is not None else []) + list(self.policies.values())
+        infos = await asyncio.gather(*(handle.info.remote() for handle in handles))
+        return ModelsResponse(models=[ModelInfo(**info) for info in infos])
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application (``import_path: mlplatform.serving.app:build_app``).
+
+    Args (from the Serve config's ``args``):
+        emotion_model: registered emotion model to serve (omit for none).
+        policies: registered DQN policies to serve, each at ``/v1/policy/<name>``.
+        ref: alias (or version) every deployment follows; ``champion`` by default.
+        tracking_uri: the MLflow store; else ``MLFLOW_TRACKING_URI`` in the deployment's environment.
+
+    Raises:
+        ValueError: no tracking store, or nothing to serve.
+    """
+    tracking_uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise ValueError("set args.tracking_uri or MLFLOW_TRACKING_URI (an absolute store) for the model registry")
+    ref = str(args.get("ref", "champion"))
+    policies = list(args.get("policies", []))
+    if not args.get("emotion_model") and not policies:
+        raise ValueError("nothing to serve: set args.emotion_model and/or args.policies")
+    emotion = EmotionModel.bind(args["emotion_model"], ref, tracking_uri) if args.get("emotion_model") else None
+    return Ingress.bind(emotion, {name: PolicyModel.options(name=f"Policy-{name}").bind(name, ref, tracking_uri)
+                                  for name in policies})

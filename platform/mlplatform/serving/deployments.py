@@ -1,0 +1,139 @@
+"""Serve deployments: the batched emotion classifier and the DQN policy, each following a registry alias."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from mlplatform.emotion.predict import EmotionPredictor
+from mlplatform.mlops.monitoring import ModelMonitoring
+from mlplatform.mlops.registry import ModelRegistry, RegisteredVersion
+from mlplatform.rl.model import DuelingDQN
+from mlplatform.rl.train import make_vector_env
+from mlplatform.serving.rollout import AliasFollower
+
+PROBE_TEXT = "今日はとても嬉しい"
+
+
+@serve.deployment(name="EmotionModel", ray_actor_options={"num_cpus": 1})
+class EmotionModel:
+    """Classifies texts with the registered emotion model that ``ref`` points at, in batches (``@serve.batch``).
+
+    ``user_config`` keys: ``max_batch_size``, ``batch_wait_timeout_s``, ``ref`` (alias or version) and
+    ``poll_interval_s``; all change without a restart.
+    """
+
+    def __init__(self, model_name: str, ref: str, tracking_uri: str) -> None:
+        self.monitoring = ModelMonitoring(model_name, "EmotionModel")
+        self.follower: AliasFollower[EmotionPredictor] = AliasFollower(
+            ModelRegistry(tracking_uri), model_name, ref, load=EmotionPredictor,
+            probe=lambda predictor: predictor.predict([PROBE_TEXT]),
+            on_swap=lambda version: self.monitoring.set_version(version.version),
+        )
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.classify.set_max_batch_size(int(config.get("max_batch_size", 16)))
+        self.classify.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+        self.follower.follow(str(config.get("ref", self.follower.ref)), poll_interval_s=float(config.get("poll_interval_s", 2.0)))
+
+    async def predict(self, text: str) -> dict[str, Any]:
+        """One text's label and scores (or ``error`` for a text the model cannot take)."""
+        with self.monitoring.track_request():
+            result = await self.classify((text, time.perf_counter()))
+        if "error" in result:
+            self.monitoring.record_error("bad_input")
+        return result
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def classify(self, items: list[tuple[str, float]]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        self.monitoring.record_batch([started - queued for _, queued in items])
+        version, predictor = self.follower.current  # one version for the whole batch, even mid-swap
+        texts = [text for text, _ in items]
+        try:
+            predictions = await asyncio.to_thread(predictor.predict, texts)
+            return [_emotion_result(version, p) for p in predictions]
+        except ValueError:  # one bad item must fail only its own request: answer the others one by one
+            return [await asyncio.to_thread(_predict_one, predictor, version, text) for text in texts]
+
+    def info(self) -> dict[str, Any]:
+        version = self.follower.current[0]
+        return {"name": version.name, "kind": version.kind, "version": version.version, "alias": self.follower.ref,
+                "last_rollout_error": self.follower.last_error}
+
+
+def _emotion_result(version: RegisteredVersion, prediction: Any) -> dict[str, Any]:
+    return {"version": version.version, "label": prediction.label, "scores": prediction.scores}
+
+
+def _predict_one(predictor: EmotionPredictor, version: RegisteredVersion, text: str) -> dict[str, Any]:
+    try:
+        return _emotion_result(version, predictor.predict([text])[0])
+    except ValueError as e:
+        return {"error": str(e)}
+
+
+class Policy:
+    """A DQN checkpoint's greedy policy: the online network rebuilt from the config saved with it."""
+
+    def __init__(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config = state["config"]
+        env = make_vector_env(config["env_id"], 1)  # the spaces the agent saw, Atari preprocessing included
+        self.obs_shape = tuple(env.single_observation_space.shape)
+        self.network = DuelingDQN(self.obs_shape, int(env.single_action_space.n), hidden_sizes=config["hidden_sizes"])
+        env.close()
+        self.network.load_state_dict(state["online"])
+        self.network.eval()
+
+    @torch.no_grad()
+    def q_values(self, observation: list[float]) -> np.ndarray:
+        """Q(s, ·) for one flattened observation.
+
+        Raises:
+            ValueError: the observation has the wrong number of values.
+        """
+        expected = math.prod(self.obs_shape)
+        if len(observation) != expected:
+            raise ValueError(f"expected {expected} values (shape {list(self.obs_shape)}), got {len(observation)}")
+        obs = torch.tensor(observation, dtype=torch.float32).reshape(1, *self.obs_shape)
+        return self.network(obs)[0].numpy()
+
+
+@serve.deployment(name="PolicyModel", ray_actor_options={"num_cpus": 0.5})
+class PolicyModel:
+    """Answers observations with the greedy action of the registered DQN policy that ``ref`` points at."""
+
+    def __init__(self, model_name: str, ref: str, tracking_uri: str) -> None:
+        self.monitoring = ModelMonitoring(model_name, "PolicyModel")
+        self.follower: AliasFollower[Policy] = AliasFollower(
+            ModelRegistry(tracking_uri), model_name, ref, load=Policy,
+            probe=lambda policy: policy.q_values([0.0] * math.prod(policy.obs_shape)),
+            on_swap=lambda version: self.monitoring.set_version(version.version),
+        )
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.follower.follow(str(config.get("ref", self.follower.ref)), poll_interval_s=float(config.get("poll_interval_s", 2.0)))
+
+    def act(self, observation: list[float]) -> dict[str, Any]:
+        """The greedy action and the Q-values (or ``error`` for an observation of the wrong shape)."""
+        with self.monitoring.track_request():
+            version, policy = self.follower.current
+            try:
+                q_values = policy.q_values(observation)
+            except ValueError as e:
+                self.monitoring.record_error("bad_input")
+                return {"error": str(e)}
+        return {"version": version.version, "action": int(q_values.argmax()), "q_values": q_values.tolist()}
+
+    def info(self) -> dict[str, Any]:
+        version = self.follower.current[0]
+        return {"name": version.name, "kind": version.kind, "version": version.version, "alias": self.follower.ref,
+                "last_rollout_error": self.follower.last_error}

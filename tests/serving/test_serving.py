@@ -1,0 +1,169 @@
+"""The Serve app on a real local Ray: registered @champion models over real HTTP, bad input, alias rollout."""
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from ray import serve
+
+from mlplatform.emotion.data import load_corpus
+from mlplatform.emotion.labels import EMOTIONS
+from mlplatform.emotion.model import EmotionClassifier
+from mlplatform.emotion.predict import EmotionPredictor
+from mlplatform.emotion.tokenizer import default_tokenizer
+from mlplatform.mlops.registry import ModelRegistry
+from mlplatform.mlops.tracking import ExperimentTracker
+from mlplatform.rl.agent import DQNAgent, DQNConfig
+from mlplatform.serving.app import build_app
+from mlplatform.serving.deployments import Policy
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def register_emotion(store, folder, seed, alias=None):
+    import torch
+
+    tokenizer = default_tokenizer([e.text for e in load_corpus() if e.split == "train"], vocab_size=2000)
+    torch.manual_seed(seed)
+    model = EmotionClassifier.from_config(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with ExperimentTracker("serving", tracking_uri=store) as tracker:
+        tracker.log_artifact(folder, artifact_path="model")
+    registry = ModelRegistry(store)
+    version = registry.register_model("emotion", run_id=tracker.run_id)
+    return registry.set_alias("emotion", alias, version.version) if alias else version
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    store = f"sqlite:///{tmp}/m.db"
+    register_emotion(store, tmp / "e1" / "best", seed=1, alias="champion")
+    register_emotion(store, tmp / "e2" / "best", seed=2)
+    agent = DQNAgent((4,), 2, DQNConfig(hidden_sizes=(16, 16)))
+    with ExperimentTracker("serving", tracking_uri=store) as tracker:
+        tracker.log_checkpoint(agent.save(tmp / "cartpole.pt"))
+    registry = ModelRegistry(store)
+    registry.set_alias("cartpole", "champion", registry.register_model("cartpole", run_id=tracker.run_id).version)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"emotion_model": "emotion", "policies": ["cartpole"], "tracking_uri": store}), name="mlplatform",
+              route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "store": store, "tmp": tmp}
+    serve.shutdown()
+
+
+def call(url, body=None, *, raw=None, method=None, headers=None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text or b"null")
+        except json.JSONDecodeError:
+            raise AssertionError(f"{e.code} with a body that is not JSON: {text[:200]!r}") from None
+
+
+def test_emotion_predictions_match_the_registered_champion(served):
+    texts = ["明日の試験が怖くて眠れない", "友達が誕生日を祝ってくれて本当に嬉しい"]
+    status, answer = call(f"{served['url']}/v1/emotion", {"text": texts})
+    assert status == 200 and answer["model"] == "emotion" and answer["version"] == "1", answer
+    local = EmotionPredictor(served["tmp"] / "e1" / "best").predict(texts)
+    for got, want in zip(answer["predictions"], local):
+        assert got["label"] == want.label in EMOTIONS
+        assert got["scores"] == pytest.approx(want.scores, abs=1e-5)
+    status, single = call(f"{served['url']}/v1/emotion", {"text": texts[0]})
+    assert status == 200 and len(single["predictions"]) == 1
+
+
+def test_policy_answers_the_greedy_action(served):
+    observation = [0.01, -0.2, 0.03, 0.1]
+    status, answer = call(f"{served['url']}/v1/policy/cartpole", {"observation": observation})
+    assert status == 200 and answer["version"] == "1"
+    q_values = Policy(served["tmp"] / "cartpole.pt").q_values(observation)
+    assert answer["action"] == int(np.argmax(q_values)) and answer["q_values"] == pytest.approx(q_values.tolist(), abs=1e-6)
+
+
+def test_health_models_and_openapi(served):
+    assert call(f"{served['url']}/healthz") == (200, {"status": "ok"})
+    status, listed = call(f"{served['url']}/v1/models")
+    assert status == 200
+    assert {(m["name"], m["kind"], m["alias"]) for m in listed["models"]} == {("emotion", "emotion", "champion"),
+                                                                              ("cartpole", "dqn", "champion")}
+    status, schema = call(f"{served['url']}/openapi.json")
+    assert status == 200 and {"/v1/emotion", "/v1/policy/{name}", "/v1/models", "/healthz"} <= set(schema["paths"])
+
+
+MALFORMED = [
+    ("/v1/emotion", b"{not json", 422),
+    ("/v1/emotion", b"[]", 422),
+    ("/v1/emotion", json.dumps({"text": 5}).encode(), 422),
+    ("/v1/emotion", json.dumps({"text": ""}).encode(), 422),
+    ("/v1/emotion", json.dumps({"text": ["ok", "   "]}).encode(), 422),
+    ("/v1/emotion", json.dumps({"text": "あ" * 2001}).encode(), 422),
+    ("/v1/emotion", json.dumps({"text": ["a"] * 65}).encode(), 422),
+    ("/v1/emotion", json.dumps({"text": "a", "extra": 1}).encode(), 422),
+    ("/v1/emotion", json.dumps({"text": "a" * 70_000}).encode(), 413),
+    ("/v1/policy/cartpole", json.dumps({"observation": [1.0, 2.0, 3.0]}).encode(), 422),
+    ("/v1/policy/cartpole", json.dumps({"observation": ["1", "2", "3", "4"]}).encode(), 422),
+    ("/v1/policy/cartpole", json.dumps({"observation": [1e309, 0, 0, 0]}).encode(), 422),
+    ("/v1/policy/cartpole", json.dumps({"obs": [1, 2, 3, 4]}).encode(), 422),
+    ("/v1/policy/nosuch", json.dumps({"observation": [1, 2, 3, 4]}).encode(), 404),
+]
+
+
+def test_a_thousand_malformed_requests_get_4xx_and_the_service_still_answers(served):
+    statuses = []
+    for i in range(1000):
+        path, raw, expected = MALFORMED[i % len(MALFORMED)]
+        try:
+            status, body = call(f"{served['url']}{path}", raw=raw)
+        except AssertionError as e:
+            raise AssertionError(f"{path} {raw[:80]!r}: {e}") from None
+        assert status == expected, (path, raw[:80], status, body)
+        statuses.append(status)
+    assert all(400 <= s < 500 for s in statuses)
+    status, body = call(f"{served['url']}/v1/policy/cartpole", raw=json.dumps({"observation": [1, 2, 3]}).encode())
+    assert "observation" in json.dumps(body) and "expected 4 values" in json.dumps(body)
+    assert call(f"{served['url']}/v1/emotion", {"text": "嬉しい"})[0] == 200
+
+
+def wait_for(predicate, timeout_s=60.0):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_promoting_rolls_out_and_a_broken_version_is_rolled_back(served):
+    registry = ModelRegistry(served["store"])
+    registry.set_alias("emotion", "champion", "2")
+    assert wait_for(lambda: call(f"{served['url']}/v1/emotion", {"text": "嬉しい"})[1]["version"] == "2")
+    broken = served["tmp"] / "broken" / "best"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}")
+    with ExperimentTracker("serving", tracking_uri=served["store"]) as tracker:
+        tracker.log_artifact(broken, artifact_path="model")
+    version = registry.register_model("emotion", run_id=tracker.run_id)
+    registry.set_alias("emotion", "champion", version.version)
+
+    def reported() -> bool:
+        models = {m["name"]: m for m in call(f"{served['url']}/v1/models")[1]["models"]}
+        return models["emotion"]["last_rollout_error"] is not None
+
+    assert wait_for(reported)
+    status, answer = call(f"{served['url']}/v1/emotion", {"text": "嬉しい"})
+    assert status == 200 and answer["version"] == "2"  # the old version keeps serving
