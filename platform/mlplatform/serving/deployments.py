@@ -64,9 +64,7 @@ class EmotionModel:
             return [await asyncio.to_thread(_predict_one, predictor, version, text) for text in texts]
 
     def info(self) -> dict[str, Any]:
-        version = self.follower.current[0]
-        return {"name": version.name, "kind": version.kind, "version": version.version, "alias": self.follower.ref,
-                "last_rollout_error": self.follower.last_error}
+        return self.follower.info()
 
 
 def _emotion_result(version: RegisteredVersion, prediction: Any) -> dict[str, Any]:
@@ -134,6 +132,4 @@ class PolicyModel:
         return {"version": version.version, "action": int(q_values.argmax()), "q_values": q_values.tolist()}
 
     def info(self) -> dict[str, Any]:
-        version = self.follower.current[0]
-        return {"name": version.name, "kind": version.kind, "version": version.version, "alias": self.follower.ref,
-                "last_rollout_error": self.follower.last_error}
+        return self.follower.info()

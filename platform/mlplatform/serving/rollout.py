@@ -80,6 +80,12 @@ class AliasFollower(Generic[ModelT]):
             log.info("now serving %s version %s", self.name, prepared[0].version)
             return True
 
+    def info(self) -> dict[str, str | None]:
+        """What is serving: name, kind, version, the alias or version followed, and the last rollout error."""
+        version = self.current[0]
+        return {"name": version.name, "kind": version.kind, "version": version.version, "alias": self.ref,
+                "last_rollout_error": self.last_error}
+
     def stop(self) -> None:
         """End the background watch."""
         self._stop.set()
