@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PIP := $(BIN)/python -m pip install --constraint constraints.txt
 
-.PHONY: install test demo bench mlflow-ui clean
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends
+
+.PHONY: install tools test demo bench mlflow-ui clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian's Prometheus, for the test that scrapes Ray's metrics endpoint with a real server.
+tools:
+	@command -v prometheus >/dev/null || $(APT_INSTALL) prometheus || \
+		{ $(SUDO) apt-get update && $(APT_INSTALL) prometheus; }
+
+test: $(STAMP) tools
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest
 
 demo: $(STAMP)
@@ -28,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/apex.py
 	$(BIN)/python bench/emotion.py
 	$(BIN)/python bench/federated.py
+	$(BIN)/python bench/serve.py
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --host 127.0.0.1 --port 5000

@@ -1,0 +1,128 @@
+"""Serving in operation: Prometheus scrapes every replica's metrics, a promotion under load drops nothing, a killed replica returns."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray import serve
+
+from mlplatform.mlops.registry import ModelRegistry
+from mlplatform.serving.app import Ingress
+from mlplatform.serving.deployments import EmotionModel
+from test_serving import call, register_emotion, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray whose metrics port is known, serving two replicas of the emotion model."""
+    tmp = tmp_path_factory.mktemp("operations")
+    store = f"sqlite:///{tmp}/m.db"
+    register_emotion(store, tmp / "e1" / "best", seed=1, alias="champion")
+    register_emotion(store, tmp / "e2" / "best", seed=2)
+    metrics_port, http_port = free_port(), free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    emotion = EmotionModel.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5},
+                                   user_config={"poll_interval_s": 0.5}).bind("emotion", "champion", store)
+    serve.run(Ingress.bind(emotion, {}), name="mlplatform", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{http_port}", "store": store, "metrics_port": metrics_port, "tmp": tmp}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def prometheus(cluster, tmp_path):
+    """Debian's Prometheus on loopback, with cluster/prometheus.yml pointed at this Ray's metrics port."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed (make test installs Debian's package)"
+    config = yaml.safe_load((REPO / "cluster" / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    job.pop("file_sd_configs")
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{cluster['metrics_port']}"]}]
+    config["global"]["scrape_interval"] = "1s"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    server = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                               f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield f"http://127.0.0.1:{port}"
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def query(prometheus_url: str, promql: str) -> list[dict]:
+    url = f"{prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())["data"]["result"]
+    except OSError:
+        return []
+
+
+def test_prometheus_sees_every_metric_from_every_replica(cluster, prometheus):
+    for _ in range(20):
+        assert call(f"{cluster['url']}/v1/emotion", {"text": ["嬉しい", "悲しい"]})[0] == 200
+    assert call(f"{cluster['url']}/v1/emotion", {"text": ""})[0] == 422
+
+    def latency_counted() -> bool:
+        found = query(prometheus, 'sum(model_prediction_latency_seconds_count{model="emotion"})')
+        return bool(found) and float(found[0]["value"][1]) > 0
+
+    assert wait_for(latency_counted, timeout_s=90)
+    for name in ("model_prediction_latency_seconds_count", "model_requests_total", "model_batch_size_count",
+                 "model_queue_wait_seconds_count", "model_served_version"):
+        series = query(prometheus, f'{name}{{deployment="EmotionModel"}}')
+        assert len({s["metric"]["WorkerId"] for s in series}) == 2, (name, series)  # one series per replica
+
+
+def test_promotion_under_load_fails_no_request(cluster):
+    failures, versions, stop = [], [], threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            status, body = call(f"{cluster['url']}/v1/emotion", {"text": "明日が楽しみ"})
+            (versions.append(body["version"]) if status == 200 else failures.append((status, body)))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2)
+        ModelRegistry(cluster["store"]).set_alias("emotion", "champion", "2")
+        assert wait_for(lambda: versions[-20:].count("2") == 20, timeout_s=60)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failures == [] and versions[0] == "1" and versions[-1] == "2"
+
+
+def test_a_killed_replica_comes_back(cluster):
+    def replicas() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "EmotionModel" in a["name"]}
+
+    before = replicas()
+    assert len(before) == 2
+    victim = sorted(before)[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"))
+    assert wait_for(lambda: len(replicas()) == 2 and victim not in replicas(), timeout_s=120)
+    assert wait_for(lambda: call(f"{cluster['url']}/v1/emotion", {"text": "嬉しい"})[0] == 200, timeout_s=60)
+    assert all(call(f"{cluster['url']}/v1/emotion", {"text": "嬉しい"})[0] == 200 for _ in range(10))
