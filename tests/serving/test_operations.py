@@ -126,3 +126,15 @@ def test_a_killed_replica_comes_back(cluster):
     assert wait_for(lambda: len(replicas()) == 2 and victim not in replicas(), timeout_s=120)
     assert wait_for(lambda: call(f"{cluster['url']}/v1/emotion", {"text": "嬉しい"})[0] == 200, timeout_s=60)
     assert all(call(f"{cluster['url']}/v1/emotion", {"text": "嬉しい"})[0] == 200 for _ in range(10))
+
+
+def test_one_bad_item_fails_only_its_own_request_in_a_batch(cluster):
+    handle = serve.get_deployment_handle("EmotionModel", app_name="mlplatform")
+    texts = ["嬉しい", "悲しい", "", "怖い", "腹が立つ"] * 4
+    results = [response.result() for response in [handle.predict.remote(text) for text in texts]]
+    for text, result in zip(texts, results):
+        if text:
+            assert "label" in result and "error" not in result
+        else:
+            assert result == {"error": "text 0 is empty"}
+

@@ -1,4 +1,4 @@
-"""`serve deploy serve/config.yaml` on a real `ray start --head` with token auth; real HTTP calls get answers."""
+"""`serve deploy serve/config.yaml` on a real `ray start --head` with token auth: answers, and user_config changes in place."""
 
 import json
 import os
@@ -22,11 +22,12 @@ BIN = Path(sys.executable).parent
 
 def test_the_shipped_serve_config_deploys_and_answers(ray_head, tmp_path):
     store = f"sqlite:///{tmp_path}/m.db"
-    agent = DQNAgent((4,), 2, DQNConfig(hidden_sizes=(16, 16)))
-    with ExperimentTracker("serving", tracking_uri=store) as tracker:
-        tracker.log_checkpoint(agent.save(tmp_path / "cartpole.pt"))
     registry = ModelRegistry(store)
-    registry.set_alias("cartpole", "champion", registry.register_model("cartpole", run_id=tracker.run_id).version)
+    for seed in (1, 2):
+        agent = DQNAgent((4,), 2, DQNConfig(hidden_sizes=(16, 16), seed=seed))
+        with ExperimentTracker("serving", tracking_uri=store) as tracker:
+            tracker.log_checkpoint(agent.save(tmp_path / f"{seed}" / "cartpole.pt"))
+        registry.set_alias("cartpole", "champion", registry.register_model("cartpole", run_id=tracker.run_id).version)
 
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     port = free_port()
@@ -36,23 +37,45 @@ def test_the_shipped_serve_config_deploys_and_answers(ray_head, tmp_path):
     app["args"].pop("emotion_model")  # the emotion deployment is covered in test_serving; keep this one light
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "EmotionModel"]
     deploy_file = tmp_path / "serve.yaml"
-    deploy_file.write_text(yaml.safe_dump(config))
 
-    deployed = subprocess.run([str(BIN / "serve"), "deploy", str(deploy_file), "--address", ray_head["RAY_API_SERVER_ADDRESS"]],
-                              env=ray_head, capture_output=True, text=True, timeout=120)
-    assert deployed.returncode == 0, deployed.stderr[-2000:]
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/policy/cartpole", method="POST",
-                                     data=json.dumps({"observation": [0.0, 0.1, 0.0, -0.1]}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    deadline, answer = time.time() + 120, None
-    while answer is None:
+    def deploy() -> None:
+        deploy_file.write_text(yaml.safe_dump(config))
+        deployed = subprocess.run([str(BIN / "serve"), "deploy", str(deploy_file), "--address", ray_head["RAY_API_SERVER_ADDRESS"]],
+                                  env=ray_head, capture_output=True, text=True, timeout=120)
+        assert deployed.returncode == 0, deployed.stderr[-2000:]
+
+    def replicas() -> set[str]:
+        listed = subprocess.run([str(BIN / "ray"), "list", "actors", "--format", "json", "--address", ray_head["RAY_API_SERVER_ADDRESS"],
+                                 "--filter", "state=ALIVE"], env=ray_head, capture_output=True, text=True, timeout=120)
+        return {a["actor_id"] for a in json.loads(listed.stdout) if "Policy-cartpole" in (a.get("class_name") or "")}
+
+    def answer() -> dict | None:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/policy/cartpole", method="POST",
+                                         data=json.dumps({"observation": [0.0, 0.1, 0.0, -0.1]}).encode(),
+                                         headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                answer = json.loads(response.read())
+                return json.loads(response.read())
         except (urllib.error.URLError, ConnectionError):
-            assert time.time() < deadline, "the Serve app did not come up"
-            time.sleep(2)
-    assert answer["model"] == "cartpole" and answer["version"] == "1" and answer["action"] in (0, 1)
+            return None
+
+    def wait_for_version(version: str) -> dict:
+        deadline = time.time() + 120
+        while (found := answer()) is None or found["version"] != version:
+            assert time.time() < deadline, f"version {version} never answered (last: {found})"
+            time.sleep(1)
+        return found
+
+    deploy()
+    first = wait_for_version("2")
+    assert first["model"] == "cartpole" and first["action"] in (0, 1)
+    serving = replicas()
+    # pin version 1 through user_config: the running replica reconfigures in place, no restart
+    policy = next(d for d in app["deployments"] if d["name"] == "Policy-cartpole")
+    policy["user_config"] = {"ref": "1", "poll_interval_s": 1.0}
+    deploy()
+    wait_for_version("1")
+    assert replicas() == serving and len(serving) == 1
     shutdown = subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", ray_head["RAY_API_SERVER_ADDRESS"]],
                               env=ray_head, capture_output=True, text=True, timeout=120)
     assert shutdown.returncode == 0, shutdown.stderr[-2000:]
