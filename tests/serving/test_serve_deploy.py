@@ -1,7 +1,6 @@
 """`serve deploy serve/config.yaml` on a real `ray start --head` with token auth: answers, and user_config changes in place."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -9,12 +8,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import free_port
+from test_serving import register_emotion
 
+from mlplatform.emotion.predict import EmotionPredictor
 from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.mlops.tracking import ExperimentTracker
 from mlplatform.rl.agent import DQNAgent, DQNConfig
+from mlplatform.serving.deployments import Policy
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -28,14 +31,15 @@ def test_the_shipped_serve_config_deploys_and_answers(ray_head, tmp_path):
         with ExperimentTracker("serving", tracking_uri=store) as tracker:
             tracker.log_checkpoint(agent.save(tmp_path / f"{seed}" / "cartpole.pt"))
         registry.set_alias("cartpole", "champion", registry.register_model("cartpole", run_id=tracker.run_id).version)
+    register_emotion(store, tmp_path / "emotion" / "best", seed=1, alias="champion")
 
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
     app = config["applications"][0]
     app["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] = store
-    app["args"].pop("emotion_model")  # the emotion deployment is covered in test_serving; keep this one light
-    app["deployments"] = [d for d in app["deployments"] if d["name"] != "EmotionModel"]
+    emotion = next(d for d in app["deployments"] if d["name"] == "EmotionModel")
+    emotion["autoscaling_config"]["max_replicas"] = 1  # two CPUs on this head
     deploy_file = tmp_path / "serve.yaml"
 
     def deploy() -> None:
@@ -68,7 +72,16 @@ def test_the_shipped_serve_config_deploys_and_answers(ray_head, tmp_path):
 
     deploy()
     first = wait_for_version("2")
-    assert first["model"] == "cartpole" and first["action"] in (0, 1)
+    q_values = Policy(tmp_path / "2" / "cartpole.pt").q_values([0.0, 0.1, 0.0, -0.1])
+    assert first["model"] == "cartpole" and first["q_values"] == pytest.approx(q_values.tolist(), abs=1e-6)
+    texts = ["明日の発表が不安で仕方ない", "久しぶりに家族と会えて嬉しかった"]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/emotion", method="POST", data=json.dumps({"text": texts}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        emotions = json.loads(response.read())
+    local = EmotionPredictor(tmp_path / "emotion" / "best").predict(texts)
+    assert emotions["version"] == "1" and [p["label"] for p in emotions["predictions"]] == [p.label for p in local]
+    assert emotions["predictions"][0]["scores"] == pytest.approx(local[0].scores, abs=1e-5)
     serving = replicas()
     # pin version 1 through user_config: the running replica reconfigures in place, no restart
     policy = next(d for d in app["deployments"] if d["name"] == "Policy-cartpole")
