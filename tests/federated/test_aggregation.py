@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlplatform.federated.aggregate import clip_to_norm, coordinate_median, trimmed_mean, update_problem, weighted_mean
+from mlplatform.federated.aggregate import clip_to_norm, coordinate_median, trimmed_mean, update_problem
 from mlplatform.federated.partition import dirichlet_partition, iid_partition, writer_partition
 from mlplatform.federated.strategy import Failure, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FitResult
 

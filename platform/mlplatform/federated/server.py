@@ -10,7 +10,7 @@ import numpy as np
 from mlplatform.federated.aggregate import update_problem
 from mlplatform.federated.pool import ClientJob, ClientPool
 from mlplatform.federated.privacy import DifferentialPrivacy
-from mlplatform.federated.strategy import Failure, FitResult, Strategy
+from mlplatform.federated.strategy import Failure, Strategy
 
 
 @dataclasses.dataclass(frozen=True)
