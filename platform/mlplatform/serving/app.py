@@ -56,8 +56,7 @@ class Ingress:
         errors = [f"text {i}: {r['error']}" for i, r in enumerate(results) if "error" in r]
         if errors:
             raise HTTPException(422, "; ".join(errors))
-        info = await self.emotion.info.remote()
-        return EmotionResponse(model=info["name"], version=results[0]["version"],
+        return EmotionResponse(model=results[0]["model"], version=results[0]["version"],
                                predictions=[EmotionPrediction(label=r["label"], scores=r["scores"]) for r in results])
 
     @api.post("/v1/policy/{name}", response_model=PolicyResponse)

@@ -68,7 +68,7 @@ class EmotionModel:
 
 
 def _emotion_result(version: RegisteredVersion, prediction: Any) -> dict[str, Any]:
-    return {"version": version.version, "label": prediction.label, "scores": prediction.scores}
+    return {"model": version.name, "version": version.version, "label": prediction.label, "scores": prediction.scores}
 
 
 def _predict_one(predictor: EmotionPredictor, version: RegisteredVersion, text: str) -> dict[str, Any]:
