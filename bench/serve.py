@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import platform
@@ -14,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -83,8 +85,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def register(store: str, folder: Path, settings: EmotionConfig) -> Path:
-    """The default-size emotion model, registered as ``emotion`` version 1 with alias ``champion``; its folder."""
+def register(store: str, folder: Path, settings: EmotionConfig, *, champion: bool = True) -> Path:
+    """A default-size emotion model (seeded by ``settings.seed``) registered as a new ``emotion`` version; its folder."""
     tokenizer = default_tokenizer([e.text for e in load_corpus() if e.split == "train"], vocab_size=settings.vocab_size)
     torch.manual_seed(settings.seed)
     model = EmotionClassifier.from_config(tokenizer, target=settings.target, hidden_size=settings.hidden_size,
@@ -96,7 +98,9 @@ def register(store: str, folder: Path, settings: EmotionConfig) -> Path:
     with ExperimentTracker("serve-bench", tracking_uri=store) as tracker:
         tracker.log_artifact(best, artifact_path="model")
     registry = ModelRegistry(store)
-    registry.set_alias(MODEL, "champion", registry.register_model(MODEL, run_id=tracker.run_id).version)
+    version = registry.register_model(MODEL, run_id=tracker.run_id).version
+    if champion:
+        registry.set_alias(MODEL, "champion", version)
     return best
 
 
@@ -215,8 +219,11 @@ async def client(session: aiohttp.ClientSession, method: str, url: str, bodies: 
 
 
 async def load(method: str, url: str, bodies: Sequence[bytes], clients: int, warmup_s: float,
-               duration_s: float) -> dict[str, Any]:
-    """``clients`` closed-loop clients for warm-up + duration; rps and latency over the measured window."""
+               duration_s: float, at_window_start: Callable[[], object] | None = None) -> dict[str, Any]:
+    """``clients`` closed-loop clients for warm-up + duration; rps and latency over the measured window.
+
+    ``at_window_start`` runs in a thread as the window opens (the rollout phase promotes a version there).
+    """
     records: list[tuple[float, float, int]] = []
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=timeout) as session:
@@ -226,7 +233,9 @@ async def load(method: str, url: str, bodies: Sequence[bytes], clients: int, war
         gather = asyncio.gather(*tasks)
         await asyncio.sleep(warmup_s)
         busy0, total0, procs0 = *cpu_ticks(), process_ticks()
-        await asyncio.sleep(duration_s)
+        if at_window_start is not None:
+            await asyncio.to_thread(at_window_start)
+        await asyncio.sleep(max(stop_at - time.perf_counter(), 0.0))
         busy1, total1, procs1 = *cpu_ticks(), process_ticks()
         await gather
     window = [(lat, status) for end, lat, status in records if window_start <= end <= stop_at]
@@ -240,10 +249,12 @@ async def load(method: str, url: str, bodies: Sequence[bytes], clients: int, war
             "cores_by_process": cores_by_process(procs0, procs1, duration_s)}
 
 
-def measure(url: str, bodies: Sequence[bytes], metrics_url: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure(url: str, bodies: Sequence[bytes], metrics_url: str, args: argparse.Namespace,
+            at_window_start: Callable[[], object] | None = None) -> dict[str, Any]:
     """One phase on the deployed app, with the mean batch size the replica saw (warm-up included)."""
     before = settled_totals(metrics_url, 0.0)
-    result = asyncio.run(load("POST", f"{url}/v1/emotion", bodies, args.clients, args.warmup, args.duration))
+    result = asyncio.run(load("POST", f"{url}/v1/emotion", bodies, args.clients, args.warmup, args.duration,
+                              at_window_start))
     served = result.pop("requests_ok")
     after = settled_totals(metrics_url, before[0] + served) if before is not None else None
     if before is not None and after is not None and after[0] >= before[0] + served and after[1] > before[1]:
@@ -292,11 +303,19 @@ def main() -> None:
             deploy(store, batched, args.max_ongoing)
             report["batched"] = measure(url, bodies, metrics_url, args)
             log(f"batched: {report['batched']}")
+            register(store, Path(folder) / "v2", dataclasses.replace(settings, seed=settings.seed + 1), champion=False)
+            promote = functools.partial(ModelRegistry(store).set_alias, MODEL, "champion", "2")
+            report["batched_during_rollout"] = measure(url, bodies, metrics_url, args, at_window_start=promote)
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/emotion", data=bodies[0], headers=HEADERS),
+                                        timeout=30) as response:
+                report["batched_during_rollout"]["version_after"] = json.loads(response.read())["version"]
+            log(f"batched during rollout: {report['batched_during_rollout']}")
         finally:
             serve.shutdown()
             ray.shutdown()
     ratio = report["batched"]["rps"] / report["unbatched"]["rps"]
-    report |= {"ratio_rps": round(ratio, 3), "target_ratio": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO}
+    report |= {"ratio_rps": round(ratio, 3), "target_ratio": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
+               "rollout_p99_ratio": round(report["batched_during_rollout"]["p99_ms"] / report["batched"]["p99_ms"], 3)}
     report["settings"] = {
         "clients": args.clients, "warmup_s": args.warmup, "duration_s": args.duration, "ray_cpus": args.cpus,
         "batched": batched, "unbatched": unbatched, "max_ongoing_requests": args.max_ongoing,
