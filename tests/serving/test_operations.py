@@ -17,6 +17,7 @@ import yaml
 from ray import serve
 
 from mlplatform.mlops.registry import ModelRegistry
+from mlplatform.mlops.tracking import ExperimentTracker
 from mlplatform.serving.app import Ingress
 from mlplatform.serving.deployments import EmotionModel
 from test_serving import call, register_emotion, wait_for
@@ -91,8 +92,10 @@ def test_prometheus_sees_every_metric_from_every_replica(cluster, prometheus):
     assert wait_for(latency_counted, timeout_s=90)
     for name in ("model_prediction_latency_seconds_count", "model_prediction_errors_total", "model_requests_total", "model_batch_size_count",
                  "model_queue_wait_seconds_count", "model_served_version"):
-        series = query(prometheus, f'{name}{{deployment="EmotionModel"}}')
-        assert len({s["metric"]["WorkerId"] for s in series}) == 2, (name, series)  # one series per replica
+        def from_both_replicas() -> bool:  # each replica exports on its own few-second cycle
+            return len({s["metric"]["WorkerId"] for s in query(prometheus, f'{name}{{deployment="EmotionModel"}}')}) == 2
+
+        assert wait_for(from_both_replicas, timeout_s=60), name
 
 
 def test_promotion_under_load_fails_no_request(cluster):
@@ -106,15 +109,27 @@ def test_promotion_under_load_fails_no_request(cluster):
     threads = [threading.Thread(target=client) for _ in range(4)]
     for thread in threads:
         thread.start()
+    registry = ModelRegistry(cluster["store"])
     try:
         time.sleep(2)
-        ModelRegistry(cluster["store"]).set_alias("emotion", "champion", "2")
+        registry.set_alias("emotion", "champion", "2")
         assert wait_for(lambda: versions[-20:].count("2") == 20, timeout_s=60)
+        # then a broken version: it is refused on every replica while version 2 keeps answering
+        broken = cluster["tmp"] / "broken" / "best"
+        broken.mkdir(parents=True)
+        (broken / "config.json").write_text("{}")
+        with ExperimentTracker("serving", tracking_uri=cluster["store"]) as tracker:
+            tracker.log_artifact(broken, artifact_path="model")
+        registry.set_alias("emotion", "champion", registry.register_model("emotion", run_id=tracker.run_id).version)
+        assert wait_for(lambda: call(f"{cluster['url']}/v1/models")[1]["models"][0]["last_rollout_error"] is not None)
+        served_after_broken = len(versions)
+        time.sleep(2)
     finally:
         stop.set()
         for thread in threads:
             thread.join()
     assert failures == [] and versions[0] == "1" and versions[-1] == "2"
+    assert len(versions) > served_after_broken and set(versions[served_after_broken:]) == {"2"}
 
 
 def test_a_killed_replica_comes_back(cluster):
