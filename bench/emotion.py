@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from quiet_stdout import stdout_to_stderr  # bench/ is on sys.path when a bench runs as a script
 from mlplatform.emotion.data import EmotionCollator, EmotionDataset, load_corpus
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.tokenizer import load_tokenizer
@@ -24,20 +24,6 @@ from mlplatform.emotion.train import EmotionConfig, make_optimizer, prepare_toke
 
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 Timing = tuple[float, float, float]  # wall seconds, CPU seconds of this process, mean training loss
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Point file descriptor 1 at stderr, for the tokenizer trainer's and Trainer's output, to keep stdout JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def pad_to_max(pad_token_id: int, length: int) -> Collate:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import json
@@ -16,7 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import ray
 import torch
 from ray import serve
 
+from quiet_stdout import stdout_to_stderr  # bench/ is on sys.path when a bench runs as a script
 from mlplatform.emotion.data import load_corpus
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.predict import EmotionPredictor
@@ -63,20 +63,6 @@ NOTES = (
 
 def log(message: str) -> None:
     print(f"[serve-bench] {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Point file descriptor 1 at stderr, for Ray's, MLflow's and the tokenizer's output, to keep stdout JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def free_port() -> int:
