@@ -30,3 +30,55 @@ def test_local_launcher_config_survives_rays_own_preparation():
     config = prepare_config(yaml.safe_load((CLUSTER / "launcher-local.yaml").read_text()))
     validate_config(config)
     assert config["provider"]["worker_ips"] and config["head_node_type"] in config["available_node_types"]
+
+
+REPO = CLUSTER.parent
+MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+
+
+def images(node) -> list[str]:
+    """Every container image named anywhere in a manifest."""
+    if isinstance(node, dict):
+        own = [node["image"]] if isinstance(node.get("image"), str) else []
+        return own + [i for v in node.values() for i in images(v)]
+    if isinstance(node, list):
+        return [i for v in node for i in images(v)]
+    return []
+
+
+def test_the_image_is_built_on_the_installed_ray():
+    base = next(line.split()[1] for line in (CLUSTER / "Dockerfile").read_text().splitlines() if line.startswith("FROM "))
+    assert base.startswith(f"rayproject/ray:{ray.__version__}-")
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_kuberay_manifest_parses_and_points_at_what_exists(path):
+    manifest = yaml.safe_load(path.read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] in {"RayCluster", "RayJob", "RayService"}
+    spec = manifest["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    assert cluster["rayVersion"] == ray.__version__
+    named = images(manifest)
+    assert named and all(i in (f"mlplatform:ray{ray.__version__}", f"mlplatform:ray{ray.__version__}-gpu") for i in named)
+    text = path.read_text()
+    assert "RAY_AUTH_MODE" in text and "secretKeyRef" in text  # token auth on, the token itself kept in a Secret
+    if manifest["kind"] == "RayJob":
+        _, script, flag, config = spec["entrypoint"].split()
+        assert flag == "--config" and (REPO / script).is_file() and (REPO / config).is_file()
+
+
+def test_one_rayjob_per_workload():
+    entrypoints = {yaml.safe_load(p.read_text())["spec"]["entrypoint"].split()[1] for p in MANIFESTS if p.name.startswith("rayjob-")}
+    assert entrypoints == {f"jobs/{p.name}" for p in (REPO / "jobs").glob("*.py")}
+
+
+@pytest.mark.parametrize("source", ["serve/config.yaml", "cluster/kuberay/rayservice.yaml"])
+def test_serve_configs_are_what_serve_deploy_accepts(source):
+    from ray.serve.schema import ServeDeploySchema
+
+    loaded = yaml.safe_load((REPO / source).read_text())
+    config = yaml.safe_load(loaded["spec"]["serveConfigV2"]) if loaded.get("kind") == "RayService" else loaded
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "mlplatform.serving.app:build_app"
+    assert {d["name"] for d in config["applications"][0]["deployments"]} <= {"Ingress", "EmotionModel", "Policy-cartpole"}
