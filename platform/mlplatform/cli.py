@@ -33,6 +33,8 @@ predict_app = typer.Typer(help="Answer inputs with a trained model.", no_args_is
 app.add_typer(predict_app, name="predict")
 models_app = typer.Typer(help="The model registry (MLflow's, in the same store as the runs).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+jobs_app = typer.Typer(help="Ray jobs on a cluster (Ray's Job SDK): submit, status, logs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 
 def fail(message: str) -> NoReturn:
@@ -363,6 +365,98 @@ def models_show_command(
         typer.echo(f"  {key}: {value}")
     if version.description:
         typer.echo(f"  {version.description}")
+
+
+AddressOption = Annotated[
+    str | None,
+    typer.Option("--address", help="Dashboard address, e.g. http://127.0.0.1:8265; else RAY_API_SERVER_ADDRESS or RAY_ADDRESS."),
+]
+JOB_EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlruns.db*", "bench/.peers", "**/__pycache__"]
+JOB_END_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def job_client(address: str | None) -> Any:
+    """Ray's Job SDK client (the token comes from RAY_AUTH_TOKEN), or a one-line exit."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        fail(f"cannot reach the Ray job API at {address or 'RAY_API_SERVER_ADDRESS/RAY_ADDRESS'}: {str(e).splitlines()[0]}")
+
+
+@jobs_app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def jobs_submit_command(
+    context: typer.Context,
+    script: Annotated[Path, typer.Argument(help="A job entrypoint, e.g. jobs/train_dqn.py; what follows -- goes to it.")],
+    address: AddressOption = None,
+    wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends; exit 1 unless it SUCCEEDED.")] = False,
+) -> None:
+    """Submit a job with this folder as its working dir and this side's MLflow store and commit.
+
+    Example: mlplatform jobs submit jobs/train_dqn.py -- --config jobs/configs/apex_cartpole.yaml
+    """
+    import shlex
+
+    from mlplatform.mlops.tracking import TrackingError, tracking_env_vars
+
+    if not script.is_file():
+        fail(f"no job entrypoint at {str(script)!r}")
+    try:
+        env_vars = tracking_env_vars()
+    except TrackingError as e:
+        fail(str(e))
+    client = job_client(address)
+    entrypoint = shlex.join(["python", script.as_posix(), *context.args])
+    job_id = client.submit_job(entrypoint=entrypoint,
+                               runtime_env={"working_dir": ".", "excludes": JOB_EXCLUDES, "env_vars": env_vars})
+    typer.echo(f"submitted {job_id}: {entrypoint}")
+    if wait:
+        status = follow_job(client, job_id)
+        typer.echo(f"{job_id}: {status}")
+        if status != "SUCCEEDED":
+            raise typer.Exit(code=1)
+
+
+def follow_job(client: Any, job_id: str) -> str:
+    """Print a job's logs as they come until it ends; its final status."""
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            typer.echo(lines, nl=False)
+
+    asyncio.run(tail())
+    while (status := str(client.get_job_status(job_id).value)) not in JOB_END_STATES:
+        time.sleep(1)
+    return status
+
+
+@jobs_app.command("status")
+def jobs_status_command(job_id: Annotated[str, typer.Argument(help="The submission id.")], address: AddressOption = None) -> None:
+    """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    client = job_client(address)
+    try:
+        typer.echo(client.get_job_status(job_id).value)
+    except RuntimeError as e:
+        fail(f"job {job_id!r}: {str(e).splitlines()[0]}")
+
+
+@jobs_app.command("logs")
+def jobs_logs_command(
+    job_id: Annotated[str, typer.Argument(help="The submission id.")],
+    address: AddressOption = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+) -> None:
+    """Print a job's logs."""
+    client = job_client(address)
+    try:
+        if follow:
+            follow_job(client, job_id)
+        else:
+            typer.echo(client.get_job_logs(job_id), nl=False)
+    except RuntimeError as e:
+        fail(f"job {job_id!r}: {str(e).splitlines()[0]}")
 
 
 def main() -> None:
