@@ -3,7 +3,6 @@
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from conftest import free_port
 from ray import serve
 
 from mlplatform.mlops.registry import ModelRegistry
@@ -23,12 +23,6 @@ from mlplatform.serving.deployments import EmotionModel
 from test_serving import call, register_emotion, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
 """The Serve app on a real local Ray: registered @champion models over real HTTP, bad input, alias rollout."""
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
+from conftest import free_port
 from ray import serve
 
 from mlplatform.emotion.data import load_corpus
@@ -50,9 +50,7 @@ def served(tmp_path_factory):
         tracker.log_checkpoint(agent.save(tmp / "cartpole.pt"))
     registry = ModelRegistry(store)
     registry.set_alias("cartpole", "champion", registry.register_model("cartpole", run_id=tracker.run_id).version)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"emotion_model": "emotion", "policies": ["cartpole"], "tracking_uri": store}), name="mlplatform",
               route_prefix="/")
