@@ -55,8 +55,7 @@ NOTES = (
     "model's ceiling. mean_batch: 200s of the phase (warm-up included) per model call, the calls counted by the "
     "replica's model_batch_size histogram on Ray's metrics port. cpu_busy: the whole machine's busy share over the "
     "window (/proc/stat); cores_by_process: CPU seconds per window second of each Ray actor (by name), raylet, "
-    "gcs_server, this bench process (the clients and the Ray driver) and every other process. Every request to the "
-    "ingress also makes a second handle call (EmotionModel.info) after the prediction. load_avg_1m: the machine's "
+    "gcs_server, this bench process (the clients and the Ray driver) and every other process. load_avg_1m: the machine's "
     "load when the bench started (cores shared with other work)."
 )
 

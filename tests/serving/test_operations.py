@@ -17,10 +17,9 @@ from conftest import free_port
 from ray import serve
 
 from mlplatform.mlops.registry import ModelRegistry
-from mlplatform.mlops.tracking import ExperimentTracker
 from mlplatform.serving.app import Ingress
 from mlplatform.serving.deployments import EmotionModel
-from test_serving import call, register_emotion, wait_for
+from test_serving import call, promote_broken_version, register_emotion, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -109,12 +108,7 @@ def test_promotion_under_load_fails_no_request(cluster):
         registry.set_alias("emotion", "champion", "2")
         assert wait_for(lambda: versions[-20:].count("2") == 20, timeout_s=60)
         # then a broken version: it is refused on every replica while version 2 keeps answering
-        broken = cluster["tmp"] / "broken" / "best"
-        broken.mkdir(parents=True)
-        (broken / "config.json").write_text("{}")
-        with ExperimentTracker("serving", tracking_uri=cluster["store"]) as tracker:
-            tracker.log_artifact(broken, artifact_path="model")
-        registry.set_alias("emotion", "champion", registry.register_model("emotion", run_id=tracker.run_id).version)
+        promote_broken_version(cluster["store"], cluster["tmp"])
         assert wait_for(lambda: call(f"{cluster['url']}/v1/models")[1]["models"][0]["last_rollout_error"] is not None)
         served_after_broken = len(versions)
         time.sleep(2)

@@ -39,6 +39,17 @@ def register_emotion(store, folder, seed, alias=None):
     return registry.set_alias("emotion", alias, version.version) if alias else version
 
 
+def promote_broken_version(store, tmp):
+    """Register an emotion version whose folder holds no weights and point @champion at it."""
+    broken = tmp / "broken" / "best"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}")
+    with ExperimentTracker("serving", tracking_uri=store) as tracker:
+        tracker.log_artifact(broken, artifact_path="model")
+    registry = ModelRegistry(store)
+    registry.set_alias("emotion", "champion", registry.register_model("emotion", run_id=tracker.run_id).version)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
@@ -150,13 +161,7 @@ def test_promoting_rolls_out_and_a_broken_version_is_rolled_back(served):
     registry = ModelRegistry(served["store"])
     registry.set_alias("emotion", "champion", "2")
     assert wait_for(lambda: call(f"{served['url']}/v1/emotion", {"text": "嬉しい"})[1]["version"] == "2")
-    broken = served["tmp"] / "broken" / "best"
-    broken.mkdir(parents=True)
-    (broken / "config.json").write_text("{}")
-    with ExperimentTracker("serving", tracking_uri=served["store"]) as tracker:
-        tracker.log_artifact(broken, artifact_path="model")
-    version = registry.register_model("emotion", run_id=tracker.run_id)
-    registry.set_alias("emotion", "champion", version.version)
+    promote_broken_version(served["store"], served["tmp"])
 
     def reported() -> bool:
         models = {m["name"]: m for m in call(f"{served['url']}/v1/models")[1]["models"]}
