@@ -117,7 +117,7 @@ def torch_threads() -> int:
 def deploy(store: str, batching: dict[str, float], max_ongoing: int) -> None:
     """``build_app``'s emotion app, with these batch settings; a second call reconfigures the running replica."""
     model = EmotionModel.options(user_config=batching, max_ongoing_requests=max_ongoing).bind(MODEL, "champion", store)
-    serve.run(Ingress.options(max_ongoing_requests=max_ongoing).bind(model, {}), name="mlplatform", route_prefix="/")
+    serve.run(Ingress.options(max_ongoing_requests=max_ongoing).bind({MODEL: model}, {}), name="mlplatform", route_prefix="/")
 
 
 def cpu_ticks() -> tuple[int, int]:

@@ -81,4 +81,4 @@ def test_serve_configs_are_what_serve_deploy_accepts(source):
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
     assert app.import_path == "mlplatform.serving.app:build_app"
-    assert {d["name"] for d in config["applications"][0]["deployments"]} <= {"Ingress", "EmotionModel", "Policy-cartpole"}
+    assert {d["name"] for d in config["applications"][0]["deployments"]} <= {"Ingress", "Emotion-emotion", "Policy-cartpole"}

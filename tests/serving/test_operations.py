@@ -36,7 +36,7 @@ def cluster(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     emotion = EmotionModel.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5},
                                    user_config={"poll_interval_s": 0.5}).bind("emotion", "champion", store)
-    serve.run(Ingress.bind(emotion, {}), name="mlplatform", route_prefix="/")
+    serve.run(Ingress.bind({"emotion": emotion}, {}), name="mlplatform", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{http_port}", "store": store, "metrics_port": metrics_port, "tmp": tmp}
     serve.shutdown()
     ray.shutdown()

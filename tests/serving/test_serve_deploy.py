@@ -37,7 +37,7 @@ def test_the_shipped_serve_config_deploys_and_answers(ray_head, tmp_path):
     config["http_options"]["port"] = port
     app = config["applications"][0]
     app["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] = store
-    emotion = next(d for d in app["deployments"] if d["name"] == "EmotionModel")
+    emotion = next(d for d in app["deployments"] if d["name"] == "Emotion-emotion")
     emotion["autoscaling_config"]["max_replicas"] = 1  # two CPUs on this head
     deploy_file = tmp_path / "serve.yaml"
 

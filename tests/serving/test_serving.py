@@ -63,7 +63,7 @@ def served(tmp_path_factory):
     registry.set_alias("cartpole", "champion", registry.register_model("cartpole", run_id=tracker.run_id).version)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"emotion_model": "emotion", "policies": ["cartpole"], "tracking_uri": store}), name="mlplatform",
+    serve.run(build_app({"emotion_models": ["emotion"], "policies": ["cartpole"], "tracking_uri": store}), name="mlplatform",
               route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "store": store, "tmp": tmp}
     serve.shutdown()
@@ -94,6 +94,9 @@ def test_emotion_predictions_match_the_registered_champion(served):
         assert got["scores"] == pytest.approx(want.scores, abs=1e-5)
     status, single = call(f"{served['url']}/v1/emotion", {"text": texts[0]})
     assert status == 200 and len(single["predictions"]) == 1
+    assert call(f"{served['url']}/v1/emotion/emotion", {"text": texts}) == (200, answer)  # the first model is the default
+    status, missing = call(f"{served['url']}/v1/emotion/nope", {"text": texts})
+    assert status == 404 and "deployed: ['emotion']" in missing["detail"]
 
 
 def test_policy_answers_the_greedy_action(served):
@@ -111,7 +114,7 @@ def test_health_models_and_openapi(served):
     assert {(m["name"], m["kind"], m["alias"]) for m in listed["models"]} == {("emotion", "emotion", "champion"),
                                                                               ("cartpole", "dqn", "champion")}
     status, schema = call(f"{served['url']}/openapi.json")
-    assert status == 200 and {"/v1/emotion", "/v1/policy/{name}", "/v1/models", "/healthz"} <= set(schema["paths"])
+    assert status == 200 and {"/v1/emotion", "/v1/emotion/{name}", "/v1/policy/{name}", "/v1/models", "/healthz"} <= set(schema["paths"])
 
 
 MALFORMED = [

@@ -43,16 +43,23 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
 class Ingress:
     """Validates requests, fans them out to the model deployments and shapes the answers."""
 
-    def __init__(self, emotion: DeploymentHandle | None, policies: dict[str, DeploymentHandle]) -> None:
-        self.emotion = emotion
+    def __init__(self, emotions: dict[str, DeploymentHandle], policies: dict[str, DeploymentHandle]) -> None:
+        self.emotions = emotions
         self.policies = policies
 
     @api.post("/v1/emotion", response_model=EmotionResponse)
     async def classify(self, body: EmotionRequest) -> EmotionResponse:
-        """Label and eight probabilities for each text."""
-        if self.emotion is None:
+        """Label and eight probabilities for each text, from the first emotion model deployed."""
+        if not self.emotions:
             raise HTTPException(404, "no emotion model is deployed")
-        results = await asyncio.gather(*(self.emotion.predict.remote(text) for text in body.texts()))
+        return await self.classify_with(next(iter(self.emotions)), body)
+
+    @api.post("/v1/emotion/{name}", response_model=EmotionResponse)
+    async def classify_with(self, name: str, body: EmotionRequest) -> EmotionResponse:
+        """Label and eight probabilities for each text, from emotion model ``name``."""
+        if name not in self.emotions:
+            raise HTTPException(404, f"no emotion model named {name!r}; deployed: {sorted(self.emotions)}")
+        results = await asyncio.gather(*(self.emotions[name].predict.remote(text) for text in body.texts()))
         errors = [f"text {i}: {r['error']}" for i, r in enumerate(results) if "error" in r]
         if errors:
             raise HTTPException(422, "; ".join(errors))
@@ -77,7 +84,7 @@ class Ingress:
     @api.get("/v1/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
         """Each deployed model: registry name, kind, serving version and the alias it follows."""
-        handles = ([self.emotion] if self.emotion is not None else []) + list(self.policies.values())
+        handles = [*self.emotions.values(), *self.policies.values()]
         infos = await asyncio.gather(*(handle.info.remote() for handle in handles))
         return ModelsResponse(models=[ModelInfo(**info) for info in infos])
 
@@ -86,7 +93,8 @@ def build_app(args: dict[str, Any]) -> Any:
     """The Serve application (``import_path: mlplatform.serving.app:build_app``).
 
     Args (from the Serve config's ``args``):
-        emotion_model: registered emotion model to serve (omit for none).
+        emotion_models: registered emotion models to serve, each at ``/v1/emotion/<name>``; the first
+            also answers ``/v1/emotion``.
         policies: registered DQN policies to serve, each at ``/v1/policy/<name>``.
         ref: alias (or version) every deployment follows; ``champion`` by default.
         tracking_uri: the MLflow store; else ``MLFLOW_TRACKING_URI`` in the deployment's environment.
@@ -98,9 +106,8 @@ def build_app(args: dict[str, Any]) -> Any:
     if not tracking_uri:
         raise ValueError("set args.tracking_uri or MLFLOW_TRACKING_URI (an absolute store) for the model registry")
     ref = str(args.get("ref", "champion"))
-    policies = list(args.get("policies", []))
-    if not args.get("emotion_model") and not policies:
-        raise ValueError("nothing to serve: set args.emotion_model and/or args.policies")
-    emotion = EmotionModel.bind(args["emotion_model"], ref, tracking_uri) if args.get("emotion_model") else None
-    return Ingress.bind(emotion, {name: PolicyModel.options(name=f"Policy-{name}").bind(name, ref, tracking_uri)
-                                  for name in policies})
+    emotions, policies = list(args.get("emotion_models", [])), list(args.get("policies", []))
+    if not emotions and not policies:
+        raise ValueError("nothing to serve: set args.emotion_models and/or args.policies")
+    return Ingress.bind({name: EmotionModel.options(name=f"Emotion-{name}").bind(name, ref, tracking_uri) for name in emotions},
+                        {name: PolicyModel.options(name=f"Policy-{name}").bind(name, ref, tracking_uri) for name in policies})
