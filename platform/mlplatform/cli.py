@@ -212,6 +212,7 @@ def train_federated_command(
     """
     from mlplatform.emotion.tokenizer import TokenizerSetupError
     from mlplatform.federated.simulation import FederatedConfig, run_federated
+    from mlplatform.mlops.registry import RegistryError
 
     run_config = load_run_config(FederatedConfig, config, set_, seed=seed, rounds=rounds)
     privacy = "dp" if run_config.dp else "nodp"
@@ -219,7 +220,7 @@ def train_federated_command(
         lambda tracker: run_federated(run_config, tracker, progress=progress),
         track=track, experiment_name=run_config.experiment_name,
         run_name=f"{run_config.task}__{run_config.strategy}__{privacy}__{run_config.seed}__{int(time.time())}",
-        user_errors=(ConfigError, TokenizerSetupError, FileNotFoundError),
+        user_errors=(ConfigError, TokenizerSetupError, FileNotFoundError, RegistryError),
     )
     last = result.history[-1] if result.history else None
     typer.echo(f"{result.rounds} rounds in {result.seconds:.1f}s; test accuracy {result.test_metrics['accuracy']:.3f}, "

@@ -10,12 +10,14 @@ from mlflow.tracking import MlflowClient
 
 from mlplatform.config import load_config
 from mlplatform.emotion.model import EmotionClassifier
+from mlplatform.emotion.tokenizer import cache_dir
 from mlplatform.federated.pool import ClientPool
 from mlplatform.federated.server import FederatedServer
 from mlplatform.federated.simulation import (
     FederatedConfig, build_partitions, build_strategy, build_task, client_config, initial_weights, run_federated,
     train_centralized,
 )
+from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.mlops.tracking import ExperimentTracker
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -98,7 +100,7 @@ def test_dp_run_logs_epsilon_every_round_and_stops_before_the_target(tmp_path):
     assert params["dp_accountant"] == "pld" and params["dp"] == "True" and params["dp_mechanism"] == "DP-FedAvg"
 
 
-def test_the_emotion_model_federated_by_writer_under_dp(tmp_path):
+def test_the_emotion_model_federated_by_writer_under_dp(tmp_path, monkeypatch):
     config = dataclasses.replace(load_config(FederatedConfig, f"{REPO_CONFIGS}/federated_emotion_dp.yaml"),
                                  rounds=2, num_actors=2, hidden_size=32, num_layers=1, output_dir=str(tmp_path / "model"))
     result = run_federated(config, progress=False)
@@ -108,7 +110,15 @@ def test_the_emotion_model_federated_by_writer_under_dp(tmp_path):
     start, _ = initial_weights(build_task(config), config.seed)
     changed = {name for name, value in start.state_dict().items() if not torch.equal(value, trained[name])}
     assert changed == {"model.classifier.weight", "model.classifier.bias"}  # only the head was federated
-    # a saved model fine-tunes further with the tokenizer saved beside it, whatever vocabulary it was built with
-    again = dataclasses.replace(config, model=str(tmp_path / "model"), rounds=1, output_dir=str(tmp_path / "again"))
-    assert build_task(again).tokenizer_path == str(tmp_path / "model")
+    # a registered model fine-tunes further, with the tokenizer saved beside it, whatever vocabulary it was built with
+    store = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    with ExperimentTracker("federated", tracking_uri=store) as tracker:
+        tracker.log_artifact(tmp_path / "model", artifact_path="model")
+    registry = ModelRegistry(store)
+    registry.set_alias("emotion-dp", "champion", registry.register_model("emotion-dp", run_id=tracker.run_id).version)
+    again = dataclasses.replace(config, model="models:/emotion-dp@champion", rounds=1, output_dir=str(tmp_path / "again"))
+    copy = build_task(again).tokenizer_path
+    assert copy == str(registry.cached_model("models:/emotion-dp@champion", cache_dir())[1]) and copy.startswith(str(cache_dir()))
+    assert EmotionClassifier.from_pretrained(copy).state_dict()["model.classifier.bias"].equal(trained["model.classifier.bias"])
     assert run_federated(again, progress=False).rounds == 1

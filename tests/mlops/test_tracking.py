@@ -17,6 +17,7 @@ from mlplatform.mlops.tracking import (
     ExperimentTracker,
     TrackingError,
     default_tracking_uri,
+    job_runs,
     tracking_env_vars,
 )
 
@@ -143,6 +144,22 @@ def test_git_commit_tag_comes_from_the_environment(store, monkeypatch, env_value
     assert tags["mlflow.source.git.commit"] == tags["mlplatform.git_commit"] == commit
     assert tags["mlplatform.git_dirty"] == dirty
     assert tags["team"] == "rl"
+
+
+def test_runs_are_tagged_with_the_ray_job_that_logged_them(store, monkeypatch):
+    # what Ray's job supervisor hands the driver of `ray job submit`
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_A1"}}')
+    with ExperimentTracker("job-tags-a", tracking_uri=store) as first:
+        ExperimentTracker("job-tags-a", tracking_uri=store, tags={"mlflow.parentRunId": first.run_id}).finish()
+    with ExperimentTracker("job-tags-b", tracking_uri=store) as second:
+        pass
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "not json")
+    with ExperimentTracker("job-tags-b", tracking_uri=store) as outside:
+        pass
+    assert MlflowClient(store).get_run(first.run_id).data.tags["ray.job_submission_id"] == "raysubmit_A1"
+    assert "ray.job_submission_id" not in MlflowClient(store).get_run(outside.run_id).data.tags
+    assert job_runs("raysubmit_A1", store) == [first.run_id, second.run_id]  # across experiments, nested runs left out
+    assert job_runs("raysubmit_none", store) == []
 
 
 def test_experiment_creation_is_idempotent(store):

@@ -36,7 +36,7 @@ class FederatedConfig(ClientConfig):
     corpus: str | None = None
     """JSONL file or folder of labelled texts; None uses the bundled emotion corpus."""
     model: str | None = None
-    """emotion task: a saved emotion model or encoder to fine-tune; None builds the small default BERT."""
+    """emotion task: the model to fine-tune: a folder, a hub name or a registry URI (models:/emotion@champion); None builds the small default BERT."""
     tokenizer: str | None = None
     """emotion task: tokenizer path or hub name; None uses the model's own, or trains the project's WordPiece vocabulary."""
     num_features: int = pydantic.Field(4096, ge=8)
@@ -139,7 +139,7 @@ def build_task(config: FederatedConfig) -> FederatedTask:
     from mlplatform.emotion.data import load_corpus
     from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
 
-    model = str(Path(config.model).resolve()) if config.model and Path(config.model).exists() else config.model
+    model = local_model(config.model)
     if config.tokenizer is None and model is None:
         tokenizer = default_tokenizer([e.text for e in load_corpus(corpus) if e.split == "train"]).name_or_path
     else:  # a model's own folder or hub name carries the tokenizer it was trained with
@@ -149,6 +149,16 @@ def build_task(config: FederatedConfig) -> FederatedTask:
     return EmotionTask(tokenizer=tokenizer, model=model, corpus=corpus, max_length=config.max_length,
                        model_options={"hidden_size": config.hidden_size, "num_layers": config.num_layers},
                        train_head_only=config.train_head_only)
+
+
+def local_model(model: str | None) -> str | None:
+    """``model`` as the actors should load it: a registry URI becomes a cached local copy, a local path absolute."""
+    if model is not None and model.startswith("models:/"):
+        from mlplatform.emotion.tokenizer import cache_dir
+        from mlplatform.mlops.registry import ModelRegistry
+
+        return str(ModelRegistry().cached_model(model, cache_dir())[1])
+    return str(Path(model).resolve()) if model and Path(model).exists() else model
 
 
 def build_partitions(config: FederatedConfig, task: FederatedTask) -> list[np.ndarray]:

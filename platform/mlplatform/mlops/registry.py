@@ -8,6 +8,7 @@ serving layer's job; raw checkpoints are only ever read with ``torch.load(weight
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -156,6 +157,25 @@ class ModelRegistry:
         with self._calling(f"download {version.uri}"):
             local = self._client.download_artifacts(version.run_id, version.artifact_path, str(folder))
         return version, Path(local)
+
+    def cached_model(self, uri: str, cache: str | Path) -> tuple[RegisteredVersion, Path]:
+        """A local copy of the version ``uri`` names, downloaded once into ``cache`` and reused after.
+
+        Copies are keyed by the source run, which no other store or version shares, and appear
+        whole or not at all, so processes that ask at once never read half a download.
+        """
+        version = self.get_model_version(*parse_model_uri(uri))
+        target = Path(cache) / "registry" / version.run_id / version.artifact_path
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                _, local = self.download_model(version.name, version.version, scratch)
+                try:
+                    os.rename(local, target)
+                except OSError:  # another process finished the same download first
+                    if not target.exists():
+                        raise
+        return version, target
 
     def load_checkpoint(self, uri_or_name: str, ref: str | None = None) -> dict[str, Any]:
         """A checkpoint version's contents, read with ``torch.load(weights_only=True)`` (no arbitrary unpickling).

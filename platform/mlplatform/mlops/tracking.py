@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import shlex
 import sqlite3
@@ -144,7 +145,7 @@ class ExperimentTracker:
         if run_id is not None:
             with self._calling("resume the run"):
                 self._client.update_run(self._run_id, status="RUNNING")
-        self.set_tags({**_git_tags(), **(tags or {})})
+        self.set_tags({**_git_tags(), **_ray_job_tags(), **(tags or {})})
 
     @property
     def run_id(self) -> str:
@@ -459,6 +460,34 @@ def _artifact_location(uri: str) -> str | None:
     """
     db_path = _sqlite_path(uri)
     return _artifact_root() or (str(db_path.parent / "mlruns") if db_path else None)
+
+
+RAY_JOB_TAG = "ray.job_submission_id"
+
+
+def job_runs(submission_id: str, tracking_uri: str | None = None) -> list[str]:
+    """The top-level runs (nested trial runs left out) that the Ray job ``submission_id`` logged, oldest first.
+
+    Raises:
+        TrackingError: the store cannot be read.
+    """
+    uri = _check_absolute(tracking_uri) if tracking_uri else default_tracking_uri()
+    with translated_errors(f"find the runs of job {submission_id!r}", uri):
+        client = open_client(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, filter_string=f"tags.`{RAY_JOB_TAG}` = '{submission_id}'",
+                                  order_by=["attributes.start_time ASC"]) if experiments else []
+    return [run.info.run_id for run in runs if "mlflow.parentRunId" not in run.data.tags]
+
+
+def _ray_job_tags() -> dict[str, str]:
+    """The submission id of the Ray job this process is the driver of; Ray hands a job's driver its config in the environment."""
+    try:
+        metadata = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    submission_id = metadata.get("job_submission_id")
+    return {RAY_JOB_TAG: str(submission_id)} if submission_id else {}
 
 
 def _git_tags() -> dict[str, str]:
