@@ -1,4 +1,4 @@
-# One-command set-up: `make demo` trains the main job on defaults, `make test` runs the test suite.
+# One-command set-up: `make demo` brings the platform up and runs its pipeline (`make down` stops it), `make test` runs the tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip install --constraint constraints.txt
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends
 
-.PHONY: install tools test demo bench mlflow-ui clean
+.PHONY: install tools test demo down bench mlflow-ui clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Debian's Prometheus, for the test that scrapes Ray's metrics endpoint with a real server.
+# Debian's Prometheus: the demo's metrics server, and the tests that scrape Ray's metrics with a real one.
 tools:
 	@command -v prometheus >/dev/null || $(APT_INSTALL) prometheus || \
 		{ $(SUDO) apt-get update && $(APT_INSTALL) prometheus; }
@@ -26,8 +26,13 @@ tools:
 test: $(STAMP) tools
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest
 
+# DEMO_CONFIG: a YAML file of `mlplatform up` settings (StackConfig in platform/mlplatform/stack.py).
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/mlplatform train dqn --env CartPole-v1
+	@$(MAKE) --no-print-directory tools || echo "prometheus could not be installed; the demo runs without it"
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/mlplatform up $(if $(DEMO_CONFIG),--config $(DEMO_CONFIG))
+
+down: $(STAMP)
+	$(BIN)/mlplatform down
 
 bench: $(STAMP)
 	$(PIP) -e ".[dev,bench]"

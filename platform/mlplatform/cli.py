@@ -372,8 +372,6 @@ AddressOption = Annotated[
     str | None,
     typer.Option("--address", help="Dashboard address, e.g. http://127.0.0.1:8265; else RAY_API_SERVER_ADDRESS or RAY_ADDRESS."),
 ]
-JOB_EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlruns.db*", "bench/.peers", "**/__pycache__"]
-JOB_END_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def job_client(address: str | None) -> Any:
@@ -400,6 +398,7 @@ def jobs_submit_command(
     import shlex
 
     from mlplatform.mlops.tracking import TrackingError, tracking_env_vars
+    from mlplatform.stack import job_runtime_env
 
     if not script.is_file():
         fail(f"no job entrypoint at {str(script)!r}")
@@ -409,8 +408,7 @@ def jobs_submit_command(
         fail(str(e))
     client = job_client(address)
     entrypoint = shlex.join(["python", script.as_posix(), *context.args])
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": ".", "excludes": JOB_EXCLUDES, "env_vars": env_vars})
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(env_vars))
     typer.echo(f"submitted {job_id}: {entrypoint}")
     if wait:
         status = follow_job(client, job_id)
@@ -422,6 +420,8 @@ def jobs_submit_command(
 def follow_job(client: Any, job_id: str) -> str:
     """Print a job's logs as they come until it ends; its final status."""
     import asyncio
+
+    from mlplatform.stack import JOB_END_STATES
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
@@ -458,6 +458,43 @@ def jobs_logs_command(
             typer.echo(client.get_job_logs(job_id), nl=False)
     except RuntimeError as e:
         fail(f"job {job_id!r}: {str(e).splitlines()[0]}")
+
+
+HomeOption = Annotated[Path, typer.Option("--home", help="The stack's folder (state, logs, outputs).")]
+
+
+@app.command("up")
+def up_command(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Start Ray, MLflow and Prometheus here, train, register and serve three models as Ray jobs, then print the URLs.
+
+    The jobs: Ape-X DQN on CartPole, an emotion Tune search, and DP federated fine-tuning of its best model by writer.
+
+    Run it from the repository root; `mlplatform down` stops it all.
+    """
+    from mlplatform.mlops.tracking import TrackingError
+    from mlplatform.stack import StackConfig, StackError, StackState, summary, up
+
+    stack_config = load_run_config(StackConfig, config, set_)
+    try:
+        state = up(stack_config, typer.echo)
+    except (StackError, TrackingError, ConfigError) as e:
+        typer.echo(f"error: {e}", err=True)
+        started = StackState.load(stack_config.home)
+        if started is not None and any(p.alive() for p in started.processes):
+            typer.echo(f"still running: {', '.join(p.name for p in started.processes if p.alive())}; "
+                       f"`mlplatform down --home {stack_config.home}` stops them", err=True)
+        raise typer.Exit(code=1)
+    for line in summary(state, stack_config):
+        typer.echo(line)
+
+
+@app.command("down")
+def down_command(home: HomeOption = Path("runs/stack")) -> None:
+    """Stop what `mlplatform up` started (by the pids it recorded): the Ray head with its jobs and Serve, MLflow UI, Prometheus."""
+    from mlplatform.stack import down
+
+    stopped = down(home, typer.echo)
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else f"nothing of the stack in {home} is running")
 
 
 def main() -> None:

@@ -56,6 +56,13 @@ def test_versions_aliases_and_downloads(store, tmp_path):
     assert [v.version for v in registry.search_model_versions("emotion")] == ["2", "1"]
 
 
+def test_run_metrics_are_the_latest_values(store):
+    with ExperimentTracker("registry", tracking_uri=store) as tracker:
+        tracker.log_metrics({"test/macro_f1": 0.2}, step=1)
+        tracker.log_metrics({"test/macro_f1": 0.4, "privacy/epsilon": 7.5}, step=2)
+    assert ModelRegistry(store).run_metrics(tracker.run_id) == {"test/macro_f1": 0.4, "privacy/epsilon": 7.5}
+
+
 def test_checkpoints_load_with_weights_only(store, tmp_path):
     registry = ModelRegistry(store)
     registry.register_model("cartpole", run_id=run_with_checkpoint(store, tmp_path, {"weights": torch.ones(3), "step": 7}))

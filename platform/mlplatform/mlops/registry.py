@@ -158,6 +158,11 @@ class ModelRegistry:
             local = self._client.download_artifacts(version.run_id, version.artifact_path, str(folder))
         return version, Path(local)
 
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric a run logged (what a new version is usually judged by)."""
+        with self._calling(f"read the metrics of run {run_id!r}"):
+            return dict(self._client.get_run(run_id).data.metrics)
+
     def cached_model(self, uri: str, cache: str | Path) -> tuple[RegisteredVersion, Path]:
         """A local copy of the version ``uri`` names, downloaded once into ``cache`` and reused after.
 

@@ -1,0 +1,115 @@
+"""The README's quick start, run as written on reduced settings: `make demo`, a curl answer, a job from a fresh shell, `down`."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlplatform.mlops.registry import ModelRegistry
+from mlplatform.mlops.tracking import job_runs
+from mlplatform.stack import StackConfig, StackState
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUICK = {  # the default pipeline, cut to a couple of minutes; the services, ports and models are the defaults
+    "apex": {"total_steps": 3000, "learning_starts": 500, "eval_every": 1500, "stop_at_return": None},
+    "tune": {"epochs": 2}, "tune_samples": 2, "tune_grace_period": 1,
+    "federated": {"rounds": 2},
+}
+
+
+def quick_start_blocks() -> list[str]:
+    """The bash blocks of the README's quick-start section, in order."""
+    section = re.search(r"^## Quick start\n(.*?)^## ", (REPO / "README.md").read_text(), re.S | re.M)
+    assert section, "README.md has no '## Quick start' section"
+    return re.findall(r"```bash\n(.*?)```", section.group(1), re.S)
+
+
+def fresh_shell(script: str, home: Path) -> subprocess.CompletedProcess:
+    """A new login's shell: nothing exported but HOME and the system PATH, in the repository root."""
+    return subprocess.run(["env", "-i", f"HOME={home}", "PATH=/usr/bin:/bin", "bash", "-e", "-c", script], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def prometheus_models(url: str) -> set[str]:
+    query = urllib.parse.urlencode({"query": "sum by (model) (model_requests_total)"})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{query}", timeout=10) as response:
+        return {r["metric"]["model"] for r in json.loads(response.read())["data"]["result"] if float(r["value"][1]) > 0}
+
+
+@pytest.fixture
+def user_home(tmp_path):
+    """A user with no Ray token yet and an MLflow store of their own; whatever the test leaves up is stopped."""
+    home = tmp_path / "home"
+    home.mkdir()
+    yield home
+    subprocess.run([str(BIN / "mlplatform"), "down"], cwd=REPO, capture_output=True, timeout=300)
+
+
+def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_path):
+    demo, curl, submit, stop = quick_start_blocks()
+    assert demo.strip() == "make demo" and stop.strip() == ".venv/bin/mlplatform down"
+    quick = tmp_path / "quick.yaml"
+    quick.write_text(yaml.safe_dump(QUICK))
+    store = f"sqlite:///{tmp_path}/mlruns.db"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env |= {"HOME": str(user_home), "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1"}
+
+    made = subprocess.run(["make", "demo", f"DEMO_CONFIG={quick}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    assert (user_home / ".ray" / "auth_token").is_file()  # token authentication is on, with a token Ray generated
+    state = StackState.load(REPO / StackConfig().home)
+    assert {p.name for p in state.processes} == {"prometheus", "mlflow", "ray"}
+    assert all(url.startswith("http://127.0.0.1:") for url in state.urls.values())
+
+    # every job the demo ran SUCCEEDED, and each registered its model with @champion
+    listed = fresh_shell("export RAY_AUTH_MODE=token; .venv/bin/ray list jobs --format json --address http://127.0.0.1:8265",
+                         user_home)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    jobs = json.loads(listed.stdout)
+    assert len(jobs) >= 4 and {job["status"] for job in jobs} == {"SUCCEEDED"}
+    registry = ModelRegistry(store)
+    for name in ("cartpole", "emotion", "emotion-dp"):
+        champion = registry.get_model_version(name, "champion")
+        assert champion.run_id in job_runs(state.jobs[name]["submission_id"], store)
+
+    # the README's curl answers from the DP fine-tuned model, and every endpoint answers
+    answered = fresh_shell(curl, user_home)
+    assert answered.returncode == 0, answered.stderr
+    answer = json.loads(answered.stdout)
+    assert answer["model"] == "emotion-dp" and len(answer["predictions"][0]["scores"]) == 8
+    for path, body, model in [("/v1/emotion/emotion", {"text": ["嬉しい", "怖い"]}, "emotion"),
+                              ("/v1/emotion", {"text": "嬉しい"}, "emotion-dp"),
+                              ("/v1/policy/cartpole", {"observation": [0.0, 0.1, 0.0, -0.1]}, "cartpole")]:
+        request = urllib.request.Request(f"http://127.0.0.1:8000{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read())["model"] == model
+    deadline = time.time() + 90  # Prometheus scrapes the head every 5 s; Ray exports every few seconds
+    while (seen := prometheus_models(state.urls["prometheus"])) != {"cartpole", "emotion", "emotion-dp"}:
+        assert time.time() < deadline, f"Prometheus saw requests for {seen} only"
+        time.sleep(3)
+
+    # a job from a fresh shell, as the README says, runs on the stack and logs to its store
+    submitted = fresh_shell(submit, user_home)
+    assert submitted.returncode == 0 and "succeeded" in submitted.stdout, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    submission_id = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
+    assert len(job_runs(submission_id, store)) == 1
+
+    again = subprocess.run([str(BIN / "mlplatform"), "up"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "already up" in again.stderr and "Traceback" not in again.stderr
+
+    stopped = fresh_shell(stop, user_home)
+    assert stopped.returncode == 0 and "stopped ray, mlflow, prometheus" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert not any(p.alive() for p in state.processes) and StackState.load(REPO / StackConfig().home) is None
+    with pytest.raises(OSError):
+        urllib.request.urlopen("http://127.0.0.1:8000/healthz", timeout=5)
