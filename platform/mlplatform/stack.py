@@ -67,9 +67,9 @@ class StackConfig:
     """Fields set on top of apex_config."""
     tune_config: str = "jobs/configs/emotion_tune.yaml"
     """Emotion Tune search base config."""
-    tune: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Fields set on top of tune_config."""
-    tune_samples: int = pydantic.Field(8, ge=1)
+    tune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 12})
+    """Fields set on top of tune_config: a short search by default."""
+    tune_samples: int = pydantic.Field(4, ge=1)
     """Trials of the emotion search."""
     tune_grace_period: int = pydantic.Field(3, ge=1)
     """Epochs each trial gets before ASHA may stop it."""
@@ -247,6 +247,7 @@ def up(config: StackConfig, echo: Echo) -> StackState:
     # Ray logs each file it leaves out of a job's upload, and that .git and .venv are left out by default
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
     client = JobSubmissionClient(state.urls["dashboard"])
     env_vars = tracking_env_vars()
     for job in pipeline(config, home):
@@ -354,10 +355,10 @@ def _start_mlflow_ui(state: StackState, config: StackConfig, tracking_uri: str, 
 
 
 def _start_ray_head(state: StackState, config: StackConfig, env: dict[str, str], echo: Echo) -> None:
-    """`ray start --head --block` on loopback with token auth; ready once its job API takes a job."""
+    """`ray start --head --block`, dashboard on loopback, token auth on; ready once its job API takes a job."""
     from ray.job_submission import JobSubmissionClient
 
-    argv = [str(BIN / "ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={config.ray_port}",
+    argv = [str(BIN / "ray"), "start", "--head", "--block", f"--port={config.ray_port}",
             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={config.dashboard_port}",
             f"--metrics-export-port={config.metrics_port}", "--disable-usage-stats"]
     if config.num_cpus is not None:
@@ -404,7 +405,8 @@ def _run_and_register(client: Any, job: PipelineJob, env_vars: dict[str, str], c
     if not runs:
         raise StackError(f"job {submission_id} ({job.summary}) logged no MLflow run to {env_vars['MLFLOW_TRACKING_URI']}")
     registry = ModelRegistry(env_vars["MLFLOW_TRACKING_URI"])
-    metrics = {name: value for name, value in registry.run_metrics(runs[-1]).items() if name in job.headline}
+    logged = registry.run_metrics(runs[-1])
+    metrics = {name: logged[name] for name in job.headline if name in logged}
     version = registry.register_model(job.model_name, run_id=runs[-1], description=f"{job.summary}; Ray job {submission_id}",
                                       tags={"ray.job_submission_id": submission_id, **metrics})
     registry.set_alias(job.model_name, config.alias, version.version)
