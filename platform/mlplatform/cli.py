@@ -477,8 +477,8 @@ def up_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     stack_config = load_run_config(StackConfig, config, set_)
     try:
         state = up(stack_config, typer.echo)
-    except (StackError, TrackingError, ConfigError) as e:
-        typer.echo(f"error: {e}", err=True)
+    except (StackError, TrackingError, ConfigError, KeyboardInterrupt) as e:
+        typer.echo(f"error: {e}" if str(e) else "interrupted", err=True)
         started = StackState.load(stack_config.home)
         if started is not None and any(p.alive() for p in started.processes):
             typer.echo(f"still running: {', '.join(p.name for p in started.processes if p.alive())}; "
