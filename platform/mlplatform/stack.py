@@ -236,7 +236,7 @@ def up(config: StackConfig, echo: Echo) -> StackState:
         head_env["RAY_PROMETHEUS_HOST"] = state.urls["prometheus"]
     else:
         echo(f"prometheus not on PATH: metrics stay at http://{LOOPBACK}:{config.metrics_port}/metrics for your own server")
-    if _sqlite_store(tracking_uri):
+    if tracking_uri.startswith("sqlite:"):  # a server store has its own UI
         _start_mlflow_ui(state, config, tracking_uri, echo)
     else:
         state.urls["mlflow"] = tracking_uri
@@ -321,10 +321,6 @@ def _ensure_token() -> None:
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
 
 
-def _sqlite_store(uri: str) -> bool:
-    return uri.startswith("sqlite:")
-
-
 def _start_prometheus(state: StackState, config: StackConfig, binary: str, echo: Echo) -> None:
     """Prometheus with the shipped scrape config, aimed at this head's metrics port."""
     scrape = read_yaml_mapping("cluster/prometheus.yml")
@@ -401,10 +397,11 @@ def _run_and_register(client: Any, job: PipelineJob, env_vars: dict[str, str], c
     if status != "SUCCEEDED":
         tail = "\n".join(log.read_text(encoding="utf-8").splitlines()[-20:])
         raise StackError(f"job {submission_id} ({job.summary}) ended {status}; the end of its log:\n{tail}")
-    runs = job_runs(submission_id, env_vars["MLFLOW_TRACKING_URI"])
+    store = env_vars["MLFLOW_TRACKING_URI"]
+    runs = job_runs(submission_id, store)
     if not runs:
-        raise StackError(f"job {submission_id} ({job.summary}) logged no MLflow run to {env_vars['MLFLOW_TRACKING_URI']}")
-    registry = ModelRegistry(env_vars["MLFLOW_TRACKING_URI"])
+        raise StackError(f"job {submission_id} ({job.summary}) logged no MLflow run to {store}")
+    registry = ModelRegistry(store)
     logged = registry.run_metrics(runs[-1])
     metrics = {name: logged[name] for name in job.headline if name in logged}
     version = registry.register_model(job.model_name, run_id=runs[-1], description=f"{job.summary}; Ray job {submission_id}",
