@@ -20,7 +20,8 @@ from quiet_stdout import stdout_to_stderr  # bench/ is on sys.path when a bench 
 from mlplatform.emotion.data import EmotionCollator, EmotionDataset, load_corpus
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.tokenizer import load_tokenizer
-from mlplatform.emotion.train import EmotionConfig, make_optimizer, prepare_tokenizer, train_one_epoch
+from mlplatform.emotion.train import EmotionConfig, make_optimizer, prepare_inputs, train_one_epoch
+from mlplatform.storage import local_path
 
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 Timing = tuple[float, float, float]  # wall seconds, CPU seconds of this process, mean training loss
@@ -98,7 +99,7 @@ def main() -> None:
     os.environ["MLPLATFORM_HOME"] = home.name
     settings = EmotionConfig(epochs=flags.epochs)
     with stdout_to_stderr():  # the WordPiece trainer's progress bar writes newlines to stdout
-        tokenizer = load_tokenizer(prepare_tokenizer(settings))
+        tokenizer = load_tokenizer(local_path(prepare_inputs(settings).tokenizer))
     train = [e for e in load_corpus() if e.split == "train"]
     dataset = EmotionDataset(train, tokenizer, target=settings.target, max_length=settings.max_length)
     per_batch = EmotionCollator(tokenizer.pad_token_id)

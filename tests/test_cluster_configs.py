@@ -67,6 +67,29 @@ def test_kuberay_manifest_parses_and_points_at_what_exists(path):
         assert flag == "--config" and (REPO / script).is_file() and (REPO / config).is_file()
 
 
+def containers(node) -> list[dict]:
+    """Every container spec anywhere in a manifest (head, workers, submitter)."""
+    if isinstance(node, dict):
+        own = [node] if "image" in node and "name" in node else []
+        return own + [c for v in node.values() for c in containers(v)]
+    if isinstance(node, list):
+        return [c for v in node for c in containers(v)]
+    return []
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_pod_reaches_the_same_stores_and_nothing_points_at_a_local_disk(path):
+    manifest = yaml.safe_load(path.read_text())
+    for container in containers(manifest):
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["key"] == "mlflow_tracking_uri", container["name"]
+        assert env["MLPLATFORM_STORAGE"]["valueFrom"]["configMapKeyRef"]["key"] == "storage", container["name"]
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True  # a pod identity needs none
+    if manifest["kind"] == "RayJob":  # its folders are relative, so they land under MLPLATFORM_STORAGE, not in a pod
+        config = yaml.safe_load((REPO / manifest["spec"]["entrypoint"].split()[3]).read_text())
+        assert all(not str(value).startswith(("/", "~")) for key, value in config.items() if key.endswith("_dir"))
+
+
 def test_one_rayjob_per_workload():
     entrypoints = {yaml.safe_load(p.read_text())["spec"]["entrypoint"].split()[1] for p in MANIFESTS if p.name.startswith("rayjob-")}
     assert entrypoints == {f"jobs/{p.name}" for p in (REPO / "jobs").glob("*.py")}

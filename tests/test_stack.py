@@ -39,6 +39,12 @@ def test_the_pipeline_trains_on_the_shipped_configs_with_the_overrides_given(tmp
     assert federated_config.model == "models:/emotion@champion"  # starts from what the search registered
     assert (federated_config.dp, federated_config.partition, federated_config.rounds) == (True, "writer", 3)
     assert [job.model_name for job in (apex, tune, federated)] == ["cartpole", "emotion", "emotion-dp"]
+    assert tune.arguments[tune.arguments.index("--output-dir") + 1] == str(tmp_path / "emotion-tune")
+
+
+def test_with_worker_nodes_the_study_goes_to_storage_every_node_reaches(tmp_path):
+    _, tune, _ = pipeline(StackConfig(workers=2), tmp_path)
+    assert tune.arguments[tune.arguments.index("--output-dir") + 1] == "stack/emotion-tune"  # under MLPLATFORM_STORAGE
 
 
 def test_the_serve_config_is_the_shipped_one_with_three_models_on_this_stack():

@@ -7,16 +7,17 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from mlplatform.config import ConfigError, load_config, parse_overrides
+from mlplatform.cli_cluster import cluster_app, down_command, up_command
+from mlplatform.cli_options import ConfigOption, SetOption, fail, load_run_config
+from mlplatform.config import ConfigError
 
 if TYPE_CHECKING:
     from mlplatform.mlops.tracking import ExperimentTracker
 
-ConfigT = TypeVar("ConfigT")
 ResultT = TypeVar("ResultT")
 
 app = typer.Typer(
@@ -35,12 +36,9 @@ models_app = typer.Typer(help="The model registry (MLflow's, in the same store a
 app.add_typer(models_app, name="models")
 jobs_app = typer.Typer(help="Ray jobs on a cluster (Ray's Job SDK): submit, status, logs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
-
-
-def fail(message: str) -> NoReturn:
-    """Print a one-line error and exit with status 2, the usage-error code."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+app.add_typer(cluster_app, name="cluster")
+app.command("up")(up_command)
+app.command("down")(down_command)
 
 
 def open_tracker(experiment_name: str, run_name: str, run_id: str | None = None) -> ExperimentTracker:
@@ -53,28 +51,11 @@ def open_tracker(experiment_name: str, run_name: str, run_id: str | None = None)
         fail(str(e))
 
 
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML file of config fields (see jobs/configs/).")
-]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override one config field, e.g. --set learning_rate=3e-4 (repeatable)."),
-]
 EnvOption = Annotated[str | None, typer.Option("--env", help="Gymnasium environment id, e.g. CartPole-v1.")]
 SeedOption = Annotated[int | None, typer.Option(help="Random seed.")]
 StepsOption = Annotated[int | None, typer.Option(help="Environment steps to run.")]
 TrackOption = Annotated[bool, typer.Option(help="Log the run to MLflow.")]
 ProgressOption = Annotated[bool, typer.Option(help="Show a progress line.")]
-
-
-def load_run_config(cls: type[ConfigT], path: Path | None, pairs: list[str] | None, **options: Any) -> ConfigT:
-    """Defaults, then the YAML file, then ``--set`` pairs, then named options; or a one-line exit."""
-    try:
-        overrides = parse_overrides(pairs or [])
-        overrides.update({key: value for key, value in options.items() if value is not None})
-        return load_config(cls, path, overrides)
-    except ConfigError as e:
-        fail(str(e))
 
 
 def run_tracked(
@@ -182,13 +163,16 @@ def train_emotion_command(
 ) -> None:
     """Fine-tune the Japanese emotion classifier under Ray Train (bundled corpus and small BERT by default)."""
     from mlplatform.emotion.tokenizer import TokenizerSetupError
-    from mlplatform.emotion.train import EmotionConfig, fit_emotion_model
+    from mlplatform.emotion.train import EmotionConfig
+    from mlplatform.emotion.trainer import fit_emotion_model
+
+    from mlplatform.storage import StorageError
 
     run_config = load_run_config(EmotionConfig, config, set_)
     result, tracker = run_tracked(
         lambda tracker: fit_emotion_model(run_config, tracker, output_dir=output_dir),
         track=track, experiment_name=run_config.experiment_name, run_name=f"emotion__{run_config.target}__{int(time.time())}",
-        user_errors=(TokenizerSetupError, FileNotFoundError, ValueError),
+        user_errors=(TokenizerSetupError, FileNotFoundError, ValueError, StorageError),
     )
     typer.echo(f"best dev macro-F1 {result.dev_metrics['macro_f1']:.3f} at epoch {result.best_epoch}; "
                f"test {', '.join(f'{k} {v:.3f}' for k, v in result.test_metrics.items())}; {result.seconds:.0f}s")
@@ -242,19 +226,29 @@ def tune_emotion_command(
     num_samples: Annotated[int, typer.Option(min=1, help="Trials to start.")] = 8,
     grace_period: Annotated[int, typer.Option(min=1, help="Epochs each trial gets before ASHA may stop it.")] = 2,
     output_dir: EmotionOutputOption = Path("runs/emotion-tune"),
+    resume: Annotated[bool, typer.Option(help="Continue the newest study in --output-dir (its driver died or was stopped).")] = False,
     track: TrackOption = True,
 ) -> None:
     """Search learning rate, batch size, warmup and dropout with Ray Tune and ASHA."""
     from mlplatform.emotion.tokenizer import TokenizerSetupError
     from mlplatform.emotion.train import EmotionConfig
-    from mlplatform.emotion.tune import tune_emotion
+    from mlplatform.emotion.tune import latest_study, tune_emotion
+    from mlplatform.storage import StorageError
 
     run_config = load_run_config(EmotionConfig, config, set_)
+    try:
+        previous = latest_study(output_dir) if resume else {}
+    except (ConfigError, StorageError) as e:
+        fail(str(e))
     study, tracker = run_tracked(
-        lambda tracker: tune_emotion(run_config, tracker, num_samples=num_samples, grace_period=grace_period, output_dir=output_dir),
-        track=track, experiment_name=run_config.experiment_name, run_name=f"emotion-study__{int(time.time())}",
-        user_errors=(TokenizerSetupError, FileNotFoundError, ValueError),
+        lambda tracker: tune_emotion(run_config, tracker, num_samples=num_samples, grace_period=grace_period,
+                                     output_dir=output_dir, resume=previous.get("name")),
+        track=track, experiment_name=previous.get("experiment_name", run_config.experiment_name),
+        run_name=f"emotion-study__{int(time.time())}", run_id=previous.get("mlflow_run_id"),
+        user_errors=(TokenizerSetupError, FileNotFoundError, ValueError, StorageError),
     )
+    if resume:
+        typer.echo(f"resumed study {previous['name']}")
     typer.echo(f"{study.trials} trials, {study.stopped_early} stopped early by ASHA; best dev macro-F1 "
                f"{study.best_dev_macro_f1:.3f} with {study.best_config}")
     typer.echo(f"model: {study.checkpoint}")
@@ -391,7 +385,7 @@ def jobs_submit_command(
     address: AddressOption = None,
     wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends; exit 1 unless it SUCCEEDED.")] = False,
 ) -> None:
-    """Submit a job with this folder as its working dir and this side's MLflow store and commit.
+    """Submit a job with this folder as its working dir and this side's MLflow store, storage root and commit.
 
     Example: mlplatform jobs submit jobs/train_dqn.py -- --config jobs/configs/apex_cartpole.yaml
     """
@@ -402,10 +396,14 @@ def jobs_submit_command(
 
     if not script.is_file():
         fail(f"no job entrypoint at {str(script)!r}")
+    from mlplatform.storage import STORAGE_ENV, storage_root
+
     try:
         env_vars = tracking_env_vars()
     except TrackingError as e:
         fail(str(e))
+    if root := storage_root():  # where relative checkpoint folders go; credentials stay with the nodes
+        env_vars[STORAGE_ENV] = root
     client = job_client(address)
     entrypoint = shlex.join(["python", script.as_posix(), *context.args])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(env_vars))
@@ -458,43 +456,6 @@ def jobs_logs_command(
             typer.echo(client.get_job_logs(job_id), nl=False)
     except RuntimeError as e:
         fail(f"job {job_id!r}: {str(e).splitlines()[0]}")
-
-
-HomeOption = Annotated[Path, typer.Option("--home", help="The stack's folder (state, logs, outputs).")]
-
-
-@app.command("up")
-def up_command(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Start Ray, MLflow and Prometheus here, train, register and serve three models as Ray jobs, then print the URLs.
-
-    The jobs: Ape-X DQN on CartPole, an emotion Tune search, and DP federated fine-tuning of its best model by writer.
-
-    Run it from the repository root; `mlplatform down` stops it all.
-    """
-    from mlplatform.mlops.tracking import TrackingError
-    from mlplatform.stack import StackConfig, StackError, StackState, summary, up
-
-    stack_config = load_run_config(StackConfig, config, set_)
-    try:
-        state = up(stack_config, typer.echo)
-    except (StackError, TrackingError, ConfigError, KeyboardInterrupt) as e:
-        typer.echo(f"error: {e}" if str(e) else "interrupted", err=True)
-        started = StackState.load(stack_config.home)
-        if started is not None and any(p.alive() for p in started.processes):
-            typer.echo(f"still running: {', '.join(p.name for p in started.processes if p.alive())}; "
-                       f"`mlplatform down --home {stack_config.home}` stops them", err=True)
-        raise typer.Exit(code=1)
-    for line in summary(state, stack_config):
-        typer.echo(line)
-
-
-@app.command("down")
-def down_command(home: HomeOption = Path("runs/stack")) -> None:
-    """Stop what `mlplatform up` started (by the pids it recorded): the Ray head with its jobs and Serve, MLflow UI, Prometheus."""
-    from mlplatform.stack import down
-
-    stopped = down(home, typer.echo)
-    typer.echo(f"stopped {', '.join(stopped)}" if stopped else f"nothing of the stack in {home} is running")
 
 
 def main() -> None:

@@ -1,19 +1,12 @@
-"""The local platform behind `mlplatform up` and `down`: Ray head, MLflow UI, Prometheus, the pipeline as Ray jobs, Serve."""
+"""The local platform behind `mlplatform up` and `down`: the cluster of :mod:`mlplatform.localcluster`, the pipeline as Ray jobs, Serve."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import logging
-import os
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,46 +14,40 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pydantic
 import yaml
 from pydantic.dataclasses import dataclass
 
+from mlplatform import localcluster
 from mlplatform.config import RUN_CONFIG, read_yaml_mapping
+from mlplatform.localcluster import ClusterConfig, ClusterState
+from mlplatform.services import BIN, LOOPBACK, ServiceError, check_running
 
 JOB_EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlruns.db*", "bench/.peers", "**/__pycache__"]
 JOB_END_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 SAMPLE_TEXT = "明日は友達と旅行に行くので楽しみ"
-LOOPBACK = "127.0.0.1"
-BIN = Path(sys.executable).parent
 
 Echo = Callable[[str], None]
 
 
-class StackError(RuntimeError):
+class StackError(ServiceError):
     """The stack cannot start or a step of its pipeline failed; the message says which and where to look."""
 
 
 @dataclass(config=RUN_CONFIG)
-class StackConfig:
-    """What `mlplatform up` starts and runs; every field can be set from YAML or ``--set key=value``."""
+class StackConfig(ClusterConfig):
+    """What `mlplatform up` starts and runs; every field can be set from YAML or ``--set key=value``.
+
+    The cluster fields (ports, CPUs, ``workers``) are :class:`~mlplatform.localcluster.ClusterConfig`'s;
+    the demo runs on the head alone unless ``workers`` asks for isolated worker nodes.
+    """
 
     home: str = "runs/stack"
-    """Folder for the stack's state file, logs, outputs and the Serve config it deployed (made absolute)."""
-    num_cpus: int | None = pydantic.Field(None, ge=1)
-    """CPUs the Ray head offers to jobs and replicas; None offers every core."""
-    ray_port: int = pydantic.Field(6379, ge=1, le=65535)
-    """The head's GCS port (the address workers and `ray.init` join)."""
-    dashboard_port: int = pydantic.Field(8265, ge=1, le=65535)
-    """Ray dashboard and job API, on loopback."""
-    metrics_port: int = pydantic.Field(8080, ge=1, le=65535)
-    """Where the head exports Prometheus metrics (Ray's and the models')."""
+    """Folder for the stack's state file, logs, outputs, the MLflow store's artifacts and the Serve config it deployed (made absolute)."""
+    workers: int = pydantic.Field(0, ge=0)
+    """Worker nodes beside the head, each in its own mount namespace (then checkpoints go to the S3 API server)."""
     serve_port: int = pydantic.Field(8000, ge=1, le=65535)
     """Ray Serve's HTTP proxy, on loopback."""
-    mlflow_port: int = pydantic.Field(5000, ge=1, le=65535)
-    """MLflow UI, on loopback (started when the store is a local SQLite file)."""
-    prometheus_port: int = pydantic.Field(9090, ge=1, le=65535)
-    """Prometheus, on loopback (started when a `prometheus` binary is on PATH)."""
     apex_config: str = "jobs/configs/apex_cartpole.yaml"
     """Ape-X DQN job config."""
     apex: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -91,79 +78,19 @@ class StackConfig:
     """Alias set on each new version, which the Serve app follows."""
     job_timeout_s: float = pydantic.Field(1800.0, gt=0.0)
     """Seconds a pipeline job may run before the stack gives up on it."""
-    ready_timeout_s: float = pydantic.Field(300.0, gt=0.0)
-    """Seconds each service (and the Serve app) gets to answer."""
+
+    def ports(self) -> dict[str, int]:
+        return super().ports() | {"serve_port": self.serve_port}
 
 
 @dataclasses.dataclass
-class ManagedProcess:
-    """A background service the stack started, identified by pid and start time (a reused pid is not ours)."""
+class StackState(ClusterState):
+    """The cluster plus what the pipeline did: each job's id, status and log, and each model's registered version."""
 
-    name: str
-    pid: int
-    started: float
-    log: str
-
-    def alive(self) -> bool:
-        try:
-            process = psutil.Process(self.pid)
-            return abs(process.create_time() - self.started) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """SIGTERM (Ray's ``start --block`` and MLflow stop their children on it), then SIGKILL the group."""
-        if not self.alive():
-            return
-        os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-
-
-@dataclasses.dataclass
-class StackState:
-    """What is running and where, saved as ``<home>/stack.json`` after every step so `down` can stop a half-started stack."""
-
-    home: str
-    processes: list[ManagedProcess] = dataclasses.field(default_factory=list)
-    urls: dict[str, str] = dataclasses.field(default_factory=dict)
     jobs: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     models: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    @staticmethod
-    def path(home: str | Path) -> Path:
-        return Path(home).resolve() / "stack.json"
-
-    @classmethod
-    def load(cls, home: str | Path) -> StackState | None:
-        path = cls.path(home)
-        if not path.is_file():
-            return None
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        return cls(**{**saved, "processes": [ManagedProcess(**p) for p in saved["processes"]]})
-
-    def save(self) -> None:
-        path = self.path(self.home)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(".tmp")
-        scratch.write_text(json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + os.linesep, encoding="utf-8")
-        os.replace(scratch, path)
-
-    def launch(self, name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
-        """Start ``argv`` in its own session (it outlives this command and the terminal's Ctrl-C), logging to ``logs/<name>.log``."""
-        log = Path(self.home) / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            child = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        process = ManagedProcess(name, child.pid, psutil.Process(child.pid).create_time(), str(log))
-        self.processes.append(process)
-        self.save()
-        return process
+    STATE_FILE = "stack.json"
+    STOP_COMMAND = "mlplatform down"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +120,12 @@ def settings(overrides: dict[str, Any]) -> list[str]:
 
 
 def pipeline(config: StackConfig, home: Path) -> list[PipelineJob]:
-    """Ape-X on CartPole, the emotion search, then DP federated fine-tuning of the model the search registered."""
+    """Ape-X on CartPole, the emotion search, then DP federated fine-tuning of the model the search registered.
+
+    The Tune study goes to the stack's folder on one node; with worker nodes it goes under the S3
+    server's ``MLPLATFORM_STORAGE`` (a relative folder), since trials on other nodes must reach it.
+    """
+    tune_output = "stack/emotion-tune" if config.wants_s3() else str(home / "emotion-tune")
     return [
         PipelineJob(config.policy_name, "jobs/train_dqn.py",
                     ["--config", config.apex_config, "--no-progress",
@@ -201,7 +133,7 @@ def pipeline(config: StackConfig, home: Path) -> list[PipelineJob]:
                     "Ape-X DQN", ("eval/mean_return",)),
         PipelineJob(config.emotion_name, "jobs/tune_emotion.py",
                     ["--config", config.tune_config, "--num-samples", str(config.tune_samples),
-                     "--grace-period", str(config.tune_grace_period), "--output-dir", str(home / "emotion-tune"),
+                     "--grace-period", str(config.tune_grace_period), "--output-dir", tune_output,
                      *settings(config.tune)],
                     "emotion classifier, best of a Tune search", ("test_macro_f1",)),
         PipelineJob(config.private_name, "jobs/train_federated.py",
@@ -213,34 +145,16 @@ def pipeline(config: StackConfig, home: Path) -> list[PipelineJob]:
 
 
 def up(config: StackConfig, echo: Echo) -> StackState:
-    """Start Prometheus, the MLflow UI and a Ray head; run the pipeline as Ray jobs; register and serve its models.
+    """Start the cluster (MLflow server, Prometheus, a Ray head, any worker nodes); run the pipeline as Ray jobs; serve its models.
 
     Raises:
-        StackError: not run from the repository root, already up, a port taken, a service that does
-            not come up, or a job that does not succeed.
+        StackError: not run from the repository root, or a job that does not succeed.
+        ServiceError: already up, a port taken, or a service that does not come up.
     """
-    from mlplatform.mlops.tracking import default_tracking_uri, tracking_env_vars
-
     started = time.monotonic()
     home = Path(config.home).resolve()
-    _check_can_start(config, home)
-    tracking_uri = default_tracking_uri()
-    state = StackState(str(home))
-    state.save()
-    os.environ["RAY_AUTH_MODE"] = "token"  # before any Ray client is made in this process
-    _ensure_token()
-
-    head_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": tracking_uri}
-    if prometheus := shutil.which("prometheus"):
-        _start_prometheus(state, config, prometheus, echo)
-        head_env["RAY_PROMETHEUS_HOST"] = state.urls["prometheus"]
-    else:
-        echo(f"prometheus not on PATH: metrics stay at http://{LOOPBACK}:{config.metrics_port}/metrics for your own server")
-    if tracking_uri.startswith("sqlite:"):  # a server store has its own UI
-        _start_mlflow_ui(state, config, tracking_uri, echo)
-    else:
-        state.urls["mlflow"] = tracking_uri
-    _start_ray_head(state, config, head_env, echo)
+    _check_can_start(config)
+    state = localcluster.up(config, echo, state_class=StackState)
 
     from ray.job_submission import JobSubmissionClient
 
@@ -249,31 +163,23 @@ def up(config: StackConfig, echo: Echo) -> StackState:
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
     logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
     client = JobSubmissionClient(state.urls["dashboard"])
-    env_vars = tracking_env_vars()
+    from mlplatform.mlops.tracking import tracking_env_vars
+
+    env_vars = {**tracking_env_vars(), **state.env}
     for job in pipeline(config, home):
         _run_and_register(client, job, env_vars, config, state, echo)
-    _deploy_serve(state, config, tracking_uri, echo)
+    _deploy_serve(state, config, state.env["MLFLOW_TRACKING_URI"], echo)
     echo(f"up in {time.monotonic() - started:.0f}s")
     return state
 
 
 def down(home: str | Path, echo: Echo) -> list[str]:
-    """Stop what `up` started from ``home`` (Ray head, and with it Serve and the jobs; MLflow UI; Prometheus).
+    """Stop what `up` started from ``home`` (Ray nodes, and with them Serve and the jobs; MLflow; Prometheus).
 
     Returns:
         The names of the services that were running and are now stopped.
     """
-    state = StackState.load(home)
-    if state is None:
-        return []
-    stopped = []
-    for process in reversed(state.processes):
-        if process.alive():
-            echo(f"stopping {process.name} (pid {process.pid})")
-            process.stop()
-            stopped.append(process.name)
-    StackState.path(home).unlink()
-    return stopped
+    return localcluster.down(home, echo, state_class=StackState)
 
 
 def summary(state: StackState, config: StackConfig) -> list[str]:
@@ -300,78 +206,11 @@ def summary(state: StackState, config: StackConfig) -> list[str]:
     return lines
 
 
-def _check_can_start(config: StackConfig, home: Path) -> None:
+def _check_can_start(config: StackConfig) -> None:
     if not (Path("jobs").is_dir() and Path(config.serve_config).is_file()):
         raise StackError(f"run `mlplatform up` from the repository root (no jobs/ or {config.serve_config} in {Path.cwd()})")
     for field in ("apex_config", "tune_config", "federated_config"):
         read_yaml_mapping(getattr(config, field))  # a missing or broken file fails here, not minutes later in a job
-    previous = StackState.load(home)
-    if previous is not None and any(p.alive() for p in previous.processes):
-        raise StackError(f"the stack in {home} is already up; stop it with `mlplatform down` first")
-    for field in ("ray_port", "dashboard_port", "metrics_port", "serve_port", "mlflow_port", "prometheus_port"):
-        port = getattr(config, field)
-        with socket.socket() as probe:
-            if probe.connect_ex((LOOPBACK, port)) == 0:
-                raise StackError(f"port {port} ({field}) is in use on {LOOPBACK}; free it or set {field} to another port")
-
-
-def _ensure_token() -> None:
-    """Ray's token authentication stays on: reuse RAY_AUTH_TOKEN or ~/.ray/auth_token, else let Ray generate the file."""
-    if not os.environ.get("RAY_AUTH_TOKEN") and not (Path.home() / ".ray" / "auth_token").is_file():
-        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
-
-
-def _start_prometheus(state: StackState, config: StackConfig, binary: str, echo: Echo) -> None:
-    """Prometheus with the shipped scrape config, aimed at this head's metrics port."""
-    scrape = read_yaml_mapping("cluster/prometheus.yml")
-    for job in scrape["scrape_configs"]:
-        job.pop("file_sd_configs", None)
-        job["static_configs"] = [{"targets": [f"{LOOPBACK}:{config.metrics_port}"]}]
-    home = Path(state.home)
-    (home / "prometheus.yml").write_text(yaml.safe_dump(scrape, sort_keys=False), encoding="utf-8")
-    address = f"{LOOPBACK}:{config.prometheus_port}"
-    process = state.launch("prometheus", [binary, f"--config.file={home / 'prometheus.yml'}",
-                                          f"--storage.tsdb.path={home / 'prometheus'}", f"--web.listen-address={address}"],
-                           dict(os.environ))
-    state.urls["prometheus"] = f"http://{address}"
-    _wait_http(f"http://{address}/-/ready", process, config.ready_timeout_s)
-    state.save()
-    echo(f"prometheus up at http://{address}")
-
-
-def _start_mlflow_ui(state: StackState, config: StackConfig, tracking_uri: str, echo: Echo) -> None:
-    """One uvicorn worker and no MLflow job runner: a laptop's two cores are for training."""
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = state.launch("mlflow", [str(BIN / "mlflow"), "ui", "--backend-store-uri", tracking_uri, "--host", LOOPBACK,
-                                      "--port", str(config.mlflow_port), "--workers", "1"], env)
-    state.urls["mlflow"] = f"http://{LOOPBACK}:{config.mlflow_port}"
-    _wait_http(f"{state.urls['mlflow']}/health", process, config.ready_timeout_s)
-    state.save()
-    echo(f"mlflow ui up at {state.urls['mlflow']} ({tracking_uri})")
-
-
-def _start_ray_head(state: StackState, config: StackConfig, env: dict[str, str], echo: Echo) -> None:
-    """`ray start --head --block`, dashboard on loopback, token auth on; ready once its job API takes a job."""
-    from ray.job_submission import JobSubmissionClient
-
-    argv = [str(BIN / "ray"), "start", "--head", "--block", f"--port={config.ray_port}",
-            f"--dashboard-host={LOOPBACK}", f"--dashboard-port={config.dashboard_port}",
-            f"--metrics-export-port={config.metrics_port}", "--disable-usage-stats"]
-    if config.num_cpus is not None:
-        argv.append(f"--num-cpus={config.num_cpus}")
-    process = state.launch("ray", argv, env)
-    dashboard = f"http://{LOOPBACK}:{config.dashboard_port}"
-    state.urls["dashboard"] = dashboard
-    state.save()
-    deadline = time.monotonic() + config.ready_timeout_s
-    while True:  # the job API answers a few seconds before its agent takes jobs
-        _check_running(process, deadline, "the Ray head")
-        try:
-            probe = JobSubmissionClient(dashboard).submit_job(entrypoint="python -c pass")
-            break
-        except (OSError, RuntimeError):  # refused, or "No available agent to submit job"
-            time.sleep(2)
-    echo(f"ray head up: dashboard {dashboard}, jobs probed with {probe}")
 
 
 def _run_and_register(client: Any, job: PipelineJob, env_vars: dict[str, str], config: StackConfig, state: StackState,
@@ -446,11 +285,11 @@ def _deploy_serve(state: StackState, config: StackConfig, tracking_uri: str, ech
     state.urls["serve"] = serve
     state.save()
     echo(f"serve: deployed {deployed}; waiting for {serve}")
-    ray_head = next(p for p in state.processes if p.name == "ray")
+    ray_head = state.process("ray")
     deadline = time.monotonic() + config.ready_timeout_s
     expected = {config.private_name, config.emotion_name, config.policy_name}
     while (served := _served_models(serve)) != expected:
-        _check_running(ray_head, deadline, f"the Serve app (serving {sorted(served)} of {sorted(expected)})")
+        check_running(ray_head, deadline, f"the Serve app (serving {sorted(served)} of {sorted(expected)})")
         time.sleep(2)
     for name in (config.private_name, config.emotion_name):
         answer = _post(f"{serve}/v1/emotion/{name}", {"text": SAMPLE_TEXT})
@@ -474,23 +313,3 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
             return json.loads(response.read())
     except urllib.error.HTTPError as e:
         raise StackError(f"POST {url} answered {e.code}: {e.read()[:300]!r}") from e
-
-
-def _wait_http(url: str, process: ManagedProcess, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        _check_running(process, deadline, process.name)
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-
-
-def _check_running(process: ManagedProcess, deadline: float, what: str) -> None:
-    if not process.alive():
-        raise StackError(f"{process.name} exited; see {process.log}")
-    if time.monotonic() > deadline:
-        raise StackError(f"{what} did not come up in time; see {process.log}")

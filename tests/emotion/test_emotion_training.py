@@ -1,6 +1,7 @@
 """Emotion training: the warmup schedule per batch, a Ray Train run on two workers, a Tune study with ASHA."""
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from mlplatform.config import config_to_dict
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.predict import EmotionPredictor
-from mlplatform.emotion.train import EmotionConfig, fit_emotion_model, make_optimizer, parameter_groups, prepare_tokenizer, train_emotion_model
+from mlplatform.emotion.train import EmotionConfig, make_optimizer, parameter_groups, prepare_inputs, train_emotion_model
+from mlplatform.emotion.trainer import fit_emotion_model
 from mlplatform.emotion.tune import tune_emotion
 from mlplatform.mlops.tracking import ExperimentTracker
 
@@ -37,13 +39,35 @@ def test_learning_rate_warms_up_to_the_peak_then_falls_linearly_per_batch():
 def test_the_loop_steps_the_schedule_once_per_batch():
     config = EmotionConfig(**TINY, epochs=2, learning_rate=1e-3, warmup_ratio=0.25)
     reports = []
-    train_emotion_model({**config_to_dict(config), "tokenizer_path": prepare_tokenizer(config)},
+    train_emotion_model(config_to_dict(config), inputs=prepare_inputs(config),
                         report=lambda metrics, checkpoint_dir: reports.append(metrics))
     batches_per_epoch = math.ceil(16 / 8)  # the mini corpus has 16 training texts
     total, warmup = 2 * batches_per_epoch, math.ceil(0.25 * 2 * batches_per_epoch)
     after_first_epoch = 1e-3 * (total - batches_per_epoch) / (total - warmup)
     assert reports[0]["learning_rate"] == pytest.approx(after_first_epoch)
     assert reports[1]["learning_rate"] == pytest.approx(0.0)
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_as_the_unbroken_run(tmp_path):
+    """What a restart after a lost node relies on: optimizer, schedule, epoch, best score and RNG all come back."""
+    config = EmotionConfig(**TINY, epochs=4, dropout=0.2)
+    inputs = prepare_inputs(config)
+
+    def keeping(kept: list) -> object:
+        def report(metrics, checkpoint_dir):
+            copy = tmp_path / f"run{id(kept)}-epoch{metrics['epoch']}"
+            shutil.copytree(checkpoint_dir, copy)
+            kept.append((metrics, copy))
+        return report
+
+    unbroken, resumed = [], []
+    train_emotion_model(config_to_dict(config), inputs=inputs, report=keeping(unbroken))
+    train_emotion_model(config_to_dict(config), inputs=inputs, report=keeping(resumed), resume_from=unbroken[1][1])
+    assert [m["epoch"] for m, _ in resumed] == [3, 4]
+    for (expected, _), (got, _) in zip(unbroken[2:], resumed):
+        assert got == pytest.approx(expected, rel=1e-6)
+    final = [EmotionClassifier.from_pretrained(folder).state_dict() for _, folder in (unbroken[-1], resumed[-1])]
+    assert all(torch.allclose(final[0][name], final[1][name], atol=1e-6) for name in final[0])
 
 
 def test_no_weight_decay_on_biases_and_layer_norms():

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from conftest import free_port
 from ray import serve
 
 from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.serving.app import Ingress
 from mlplatform.serving.deployments import EmotionModel
+from mlplatform.services import free_port
 from test_serving import call, promote_broken_version, register_emotion, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

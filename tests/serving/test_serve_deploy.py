@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
 from test_serving import register_emotion
 
 from mlplatform.emotion.predict import EmotionPredictor
@@ -17,6 +16,7 @@ from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.mlops.tracking import ExperimentTracker
 from mlplatform.rl.agent import DQNAgent, DQNConfig
 from mlplatform.serving.deployments import Policy
+from mlplatform.services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

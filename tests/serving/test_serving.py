@@ -7,7 +7,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import free_port
 from ray import serve
 
 from mlplatform.emotion.data import load_corpus
@@ -20,6 +19,7 @@ from mlplatform.mlops.tracking import ExperimentTracker
 from mlplatform.rl.agent import DQNAgent, DQNConfig
 from mlplatform.serving.app import build_app
 from mlplatform.serving.deployments import Policy
+from mlplatform.services import free_port
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 

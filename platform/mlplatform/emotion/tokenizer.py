@@ -8,11 +8,12 @@ go through the same code: ``load_tokenizer("cl-tohoku/bert-base-japanese-v3")`` 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from transformers import AutoTokenizer, BertJapaneseTokenizer, PreTrainedTokenizerBase
+
+from mlplatform.storage import cache_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MECAB_KWARGS = {"mecab_dic": "unidic_lite"}
@@ -100,11 +101,6 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except OSError as e:
         raise FileNotFoundError(f"no tokenizer at {str(name_or_path)!r}: {str(e).splitlines()[0]}") from None
-
-
-def cache_dir() -> Path:
-    """Where built artefacts (vocabularies, default models) are kept: ``$MLPLATFORM_HOME`` or ~/.cache/mlplatform."""
-    return Path(os.environ.get("MLPLATFORM_HOME", Path.home() / ".cache" / "mlplatform"))
 
 
 def default_tokenizer(texts: Sequence[str], *, vocab_size: int = 8000) -> PreTrainedTokenizerBase:

@@ -1,4 +1,4 @@
-"""Emotion training: the config, the per-worker loop (``train_emotion_model``) and its Ray Train launcher."""
+"""Emotion training: the config, what every worker is handed, and the per-worker loop (``train_emotion_model``) that resumes."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from pydantic.dataclasses import dataclass
 from sklearn.metrics import f1_score, mean_absolute_error
 from transformers import get_linear_schedule_with_warmup
 
-from mlplatform.cluster import connect_ray
-from mlplatform.config import RUN_CONFIG, config_to_dict
+from mlplatform import storage
+from mlplatform.config import RUN_CONFIG
 from mlplatform.emotion.data import EmotionCollator, EmotionDataset, EmotionExample, load_corpus, load_wrime_tsv
 from mlplatform.emotion.labels import Target
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
+from mlplatform.storage import PortableFolder
 
 Reporter = Callable[..., None]
 
@@ -74,8 +75,14 @@ class EmotionConfig:
     """Seed for initialisation, shuffling and dropout."""
     num_workers: int = pydantic.Field(1, ge=1)
     """Ray Train workers (data-parallel, DDP)."""
+    cpus_per_worker: int = pydantic.Field(1, ge=1)
+    """CPUs each Ray Train worker or Tune trial reserves (Ray sets torch's thread count to it)."""
     use_gpu: bool | None = None
     """One GPU per worker; None uses GPUs when the cluster has them."""
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """Ray Train's worker placement: PACK fills one node first (fastest on one machine), SPREAD puts workers on different nodes."""
+    max_failures: int = pydantic.Field(3, ge=0)
+    """Restarts after a lost worker or node; each resumes from the latest checkpoint (optimizer, schedule and epoch included)."""
     experiment_name: str = "emotion"
     """MLflow experiment the run is logged under."""
 
@@ -91,23 +98,31 @@ def load_examples(config: EmotionConfig) -> list[EmotionExample]:
     return load_wrime_tsv(config.wrime_tsv) if config.wrime_tsv else load_corpus(config.corpus)
 
 
-def with_absolute_paths(config: EmotionConfig) -> EmotionConfig:
-    """Local paths made absolute, since Ray workers run in other folders; hub names stay as they are."""
-    local = {
-        field: str(Path(value).resolve())
-        for field in ("model", "tokenizer", "corpus", "wrime_tsv")
-        if (value := getattr(config, field)) is not None and Path(value).exists()
-    }
-    return dataclasses.replace(config, **local)
+@dataclasses.dataclass(frozen=True)
+class TrainingInputs:
+    """What every worker is handed besides the config, by value: no worker reads the driver's disk.
+
+    The train and dev examples and the tokenizer's (and a local model's) files travel inside the
+    task's arguments, through Ray's object store; a hub name travels as a name, loaded from the
+    node's own cache.
+    """
+
+    examples: tuple[EmotionExample, ...]
+    tokenizer: PortableFolder | str
+    model: PortableFolder | str | None
 
 
-def prepare_tokenizer(config: EmotionConfig) -> str:
-    """Resolve the tokenizer once, before workers start, and return a path or name they can load."""
+def prepare_inputs(config: EmotionConfig) -> TrainingInputs:
+    """Read the data and resolve the tokenizer once, on the driver (the project's own is trained here and cached)."""
+    examples = load_examples(config)
     if config.tokenizer is not None:
-        load_tokenizer(config.tokenizer)
-        return config.tokenizer
-    texts = [e.text for e in load_examples(config) if e.split == "train"]
-    return default_tokenizer(texts, vocab_size=config.vocab_size).name_or_path
+        load_tokenizer(config.tokenizer)  # fails here, in one line, rather than on every worker
+        tokenizer = storage.portable(config.tokenizer)
+    else:
+        texts = [e.text for e in examples if e.split == "train"]
+        tokenizer = storage.portable(default_tokenizer(texts, vocab_size=config.vocab_size).name_or_path)
+    model = storage.portable(config.model) if config.model is not None else None
+    return TrainingInputs(tuple(e for e in examples if e.split in ("train", "dev")), tokenizer, model)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -172,6 +187,7 @@ def train_one_epoch(
 ) -> float:
     """One pass over ``loader``: clipped AdamW steps, the schedule stepped per batch; returns the mean loss."""
     device = next(model.parameters()).device
+    model.train()  # a model loaded with from_pretrained (a resumed run) comes in eval mode, dropout off
     running, seen = 0.0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -187,27 +203,52 @@ def train_one_epoch(
     return running / max(seen, 1)
 
 
+TRAINER_STATE = "trainer_state.pt"
+"""The file beside a checkpoint's model that holds what resuming needs: optimizer, schedule, epoch, RNG."""
+
+
+def save_checkpoint(folder: Path, classifier: EmotionClassifier, tokenizer: Any, state: dict[str, Any]) -> None:
+    """The model and tokenizer as ``save_pretrained`` writes them, plus the training state (plain tensors only)."""
+    classifier.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save(state, folder / TRAINER_STATE)
+
+
+def load_trainer_state(folder: str | Path) -> dict[str, Any]:
+    """The training state :func:`save_checkpoint` wrote, read with ``weights_only=True``."""
+    return torch.load(Path(folder) / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def log_resumed(tracker: Any, checkpoint_dir: str | Path) -> None:
+    """Record in the run that training restarted from ``checkpoint_dir`` (after a lost worker or node, or a resumed study)."""
+    epoch = int(load_trainer_state(checkpoint_dir)["epoch"])
+    tracker.log_metrics({"faults/resumed_from_epoch": epoch}, step=epoch)
+
+
 def train_emotion_model(
     config: dict[str, Any],
     *,
+    inputs: TrainingInputs,
     report: Reporter,
     world_rank: int = 0,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
     prepare_loader: Callable[[torch.utils.data.DataLoader], torch.utils.data.DataLoader] = lambda d: d,
+    resume_from: str | Path | None = None,
 ) -> None:
     """The per-worker training loop, the same under Ray Train (DDP), Ray Tune or a plain call.
 
-    ``config`` is an :class:`EmotionConfig` as a dict plus ``tokenizer_path``. Ray is touched only
-    through the three callables: ``prepare_loader`` shards the data, ``prepare_model`` wraps
-    the model for DDP, ``report`` sends each epoch's dev metrics (and, from rank 0, the best
-    checkpoint so far).
+    ``config`` is an :class:`EmotionConfig` as a dict. Ray is touched only through the callables:
+    ``prepare_loader`` shards the data, ``prepare_model`` wraps the model for DDP, ``report`` sends
+    each epoch's dev metrics and, from rank 0, a checkpoint folder to resume from (the model, its
+    tokenizer and :data:`TRAINER_STATE`). Given ``resume_from``, such a folder, training continues
+    after its epoch with its optimizer, schedule, best score and random state, so a run restarted
+    after a lost worker ends as it would have.
     """
-    settings = EmotionConfig(**{k: v for k, v in config.items() if k != "tokenizer_path"})
+    settings = EmotionConfig(**config)
     torch.manual_seed(settings.seed)
-    tokenizer = load_tokenizer(config["tokenizer_path"])
-    examples = load_examples(settings)
+    tokenizer = load_tokenizer(storage.local_path(inputs.tokenizer))
     datasets = {
-        split: EmotionDataset([e for e in examples if e.split == split], tokenizer, target=settings.target,
+        split: EmotionDataset([e for e in inputs.examples if e.split == split], tokenizer, target=settings.target,
                               max_length=settings.max_length, soft_labels=settings.soft_labels and split == "train")
         for split in ("train", "dev")
     }
@@ -217,21 +258,32 @@ def train_emotion_model(
         datasets["train"], batch_size=settings.batch_size, shuffle=True, collate_fn=collate, generator=generator))
     dev_loader = torch.utils.data.DataLoader(datasets["dev"], batch_size=64, collate_fn=collate)
 
-    if settings.model is None:
+    if resume_from is not None:  # the checkpoint's own weights and head
+        classifier = EmotionClassifier.from_pretrained(resume_from)
+    elif inputs.model is None:
         classifier = EmotionClassifier.from_config(
             tokenizer, target=settings.target, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
             num_heads=settings.num_heads, dropout=settings.dropout, max_length=settings.max_length)
     else:
         classifier = EmotionClassifier.from_pretrained(
-            settings.model, target=settings.target, hidden_dropout_prob=settings.dropout)
+            storage.local_path(inputs.model), target=settings.target, hidden_dropout_prob=settings.dropout)
     model = prepare_model(classifier)
     device = next(model.parameters()).device
     optimizer, scheduler = make_optimizer(model, settings, total_batches=settings.epochs * len(train_loader))
     bf16 = settings.mixed_precision == "bf16" or (
         settings.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
-    best, stale_epochs = -1.0, 0
-    for epoch in range(settings.epochs):
+    first_epoch, best, stale_epochs = 0, -1.0, 0
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first_epoch, best, stale_epochs = state["epoch"], state["best"], state["stale_epochs"]
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["shuffle_rng"])
+    for epoch in range(first_epoch, settings.epochs):
+        if stale_epochs >= settings.patience:
+            break
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, max_grad_norm=settings.max_grad_norm, bf16=bf16)
@@ -241,113 +293,11 @@ def train_emotion_model(
         improved = dev["macro_f1"] > best
         best, stale_epochs = (dev["macro_f1"], 0) if improved else (best, stale_epochs + 1)
         metrics["best_dev_macro_f1"] = best
-        if improved and world_rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                classifier.save_pretrained(folder)
-                tokenizer.save_pretrained(folder)
-                report(metrics, checkpoint_dir=folder)
-        else:
+        if world_rank != 0:
             report(metrics, checkpoint_dir=None)
-        if stale_epochs >= settings.patience:
-            break
-
-
-@dataclasses.dataclass
-class EmotionResult:
-    """What a training produced: the best checkpoint folder and its metrics."""
-
-    checkpoint: Path
-    dev_metrics: dict[str, float]
-    test_metrics: dict[str, float]
-    best_epoch: int
-    seconds: float
-
-
-def _ray_train_loop(config: dict[str, Any]) -> None:
-    """Per-worker entry under TorchTrainer: the three Ray touches, then the shared loop."""
-    import ray.train
-    import ray.train.torch
-
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    tracker = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        from mlplatform.mlops.tracking import ExperimentTracker
-
-        # Only rank 0 writes to MLflow, into the run the driver opened: one run per training.
-        tracker = ExperimentTracker(config["experiment_name"], run_id=config["mlflow_run_id"], tracking_uri=config["tracking_uri"])
-
-    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]))
-            tracker.flush()
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)  # (3) metrics and the best checkpoint
-
-    train_emotion_model(
-        {k: v for k, v in config.items() if k not in ("mlflow_run_id", "tracking_uri")},
-        report=report,
-        world_rank=rank,
-        prepare_model=ray.train.torch.prepare_model,  # (2) DDP across workers
-        prepare_loader=ray.train.torch.prepare_data_loader,  # (1) a shard of the data per worker
-    )
-
-
-def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, output_dir: str | Path = "runs/emotion") -> EmotionResult:
-    """Train under Ray Train's TorchTrainer, then score the best checkpoint on the test split.
-
-    Args:
-        config: the training config.
-        tracker: an ``ExperimentTracker`` whose run the rank-0 worker logs into (None: no tracking).
-        output_dir: where Ray Train keeps checkpoints (made absolute: jobs run in a copied folder).
-
-    Returns:
-        The best checkpoint (by dev macro-F1) copied under ``output_dir``, with dev and test metrics.
-    """
-    import time
-
-    import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    started = time.perf_counter()
-    connect_ray()
-    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    config = with_absolute_paths(config)
-    loop_config = {**config_to_dict(config), "tokenizer_path": prepare_tokenizer(config)}
-    if tracker is not None:
-        tracker.log_params(config_to_dict(config))
-        loop_config |= {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}
-    output_dir = Path(output_dir).expanduser().resolve()
-    trainer = TorchTrainer(
-        _ray_train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            name=f"emotion-{int(time.time())}",
-            storage_path=str(output_dir / "ray_results"),
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="dev_macro_f1", checkpoint_score_order="max"),
-        ),
-    )
-    result = trainer.fit()
-    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["dev_macro_f1"])
-    best = Path(best_checkpoint.to_directory(str(output_dir / "best")))
-    test = score_checkpoint(best, config, split="test")
-    best_epoch = int(best_metrics["epoch"])
-    if tracker is not None:
-        tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, step=best_epoch)
-        tracker.log_artifact(best, artifact_path="model")
-    dev = {k.removeprefix("dev_"): v for k, v in best_metrics.items() if k.startswith("dev_")}
-    return EmotionResult(best, dev, test, best_epoch, time.perf_counter() - started)
-
-
-def score_checkpoint(folder: str | Path, config: EmotionConfig, *, split: str = "test") -> dict[str, float]:
-    """Metrics of a saved model on one split of the config's data."""
-    tokenizer = load_tokenizer(folder)
-    classifier = EmotionClassifier.from_pretrained(folder)
-    examples = [e for e in load_examples(config) if e.split == split]
-    if not examples:
-        return {}
-    dataset = EmotionDataset(examples, tokenizer, target=classifier.target, max_length=config.max_length)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=EmotionCollator(tokenizer.pad_token_id))
-    return evaluate(classifier, loader, torch.device("cpu"))
+            continue
+        state = {"epoch": epoch + 1, "best": best, "stale_epochs": stale_epochs, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "shuffle_rng": generator.get_state()}
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(Path(folder), classifier, tokenizer, state)
+            report(metrics, checkpoint_dir=folder)

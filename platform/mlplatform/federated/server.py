@@ -60,6 +60,8 @@ class RoundReport:
     late: int
     rejected: int
     errors: int
+    retried: int
+    """Clients whose actor died mid-round and that trained again on another actor."""
     aggregated: bool
     train_loss: float
     update_norm: float
@@ -73,6 +75,7 @@ class RoundReport:
         values = {
             "clients/sampled": self.sampled, "clients/used": self.used, "clients/dropped": self.dropped,
             "clients/late": self.late, "clients/rejected": self.rejected, "clients/errors": self.errors,
+            "clients/retried": self.retried,
             "train/loss": self.train_loss, "train/update_norm": self.update_norm, "perf/round_seconds": self.seconds,
         }
         if self.epsilon is not None:
@@ -126,6 +129,7 @@ class FederatedServer:
         sampled = self.strategy.configure_fit(server_round, len(self.partitions), np.random.default_rng([self.seed, server_round, 1]))
         jobs, dropped = self.faults.jobs(server_round, sampled, self.partitions, self.seed)
         proximal_mu = self.strategy.fit_config(server_round).get("proximal_mu", 0.0)
+        retried_before = pool.clients_retried
         arrived, failures = pool.run_round(self.weights, jobs, proximal_mu=proximal_mu, deadline_s=deadline_s)
         failures = failures + [Failure(c, "dropped") for c in dropped]
         results = []
@@ -143,7 +147,7 @@ class FederatedServer:
         return RoundReport(
             server_round=server_round, sampled=len(sampled), used=len(results), dropped=reasons.count("dropped"),
             late=reasons.count("deadline"), rejected=reasons.count("non-finite") + reasons.count("norm"),
-            errors=reasons.count("error"), aggregated=update is not None,
+            errors=reasons.count("error"), retried=pool.clients_retried - retried_before, aggregated=update is not None,
             train_loss=sum(r.metrics["train_loss"] * r.num_examples for r in results) / examples if examples else float("nan"),
             update_norm=float(np.linalg.norm(update)) if update is not None else 0.0,
             seconds=time.perf_counter() - start,

@@ -16,6 +16,7 @@ import torch
 from pydantic.dataclasses import dataclass
 from tqdm.auto import tqdm
 
+from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import RUN_CONFIG, ConfigError, config_to_dict
 from mlplatform.federated.client import ClientConfig, FederatedClient, flat_weights, load_flat_weights
@@ -24,7 +25,7 @@ from mlplatform.federated.pool import ClientPool
 from mlplatform.federated.privacy import DifferentialPrivacy, noise_multiplier_for
 from mlplatform.federated.server import FaultPlan, FederatedServer, RoundReport
 from mlplatform.federated.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
-from mlplatform.federated.task import EmotionTask, FederatedTask, NgramTask
+from mlplatform.federated.task import EmotionTask, FederatedTask, NgramTask, Source
 
 
 @dataclass(config=RUN_CONFIG)
@@ -102,7 +103,7 @@ class FederatedConfig(ClientConfig):
     seed: int = 0
     """Seeds the partition, sampling, faults, local shuffling and the initial model."""
     output_dir: str = "runs/federated"
-    """Folder for the final model."""
+    """Folder for the final model, written by the driver (made absolute)."""
     experiment_name: str = "federated"
     """MLflow experiment the run is logged under."""
 
@@ -132,33 +133,39 @@ class FederatedResult:
 
 
 def build_task(config: FederatedConfig) -> FederatedTask:
-    """The task the config names, with local paths made absolute for actors that run elsewhere."""
-    corpus = str(Path(config.corpus).resolve()) if config.corpus and Path(config.corpus).exists() else config.corpus
-    if config.task == "ngram":
-        return NgramTask(corpus=corpus, num_features=config.num_features)
+    """The task the config names, everything it needs read here and carried by value to the client actors.
+
+    The examples, the tokenizer's files and a local model's files travel inside the task; a registry
+    URI is pinned to the version it names now, which each node downloads from the tracking server.
+    """
     from mlplatform.emotion.data import load_corpus
+
+    examples = load_corpus(config.corpus)
+    if config.task == "ngram":
+        return NgramTask(examples=examples, num_features=config.num_features)
     from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
 
-    model = local_model(config.model)
-    if config.tokenizer is None and model is None:
-        tokenizer = default_tokenizer([e.text for e in load_corpus(corpus) if e.split == "train"]).name_or_path
-    else:  # a model's own folder or hub name carries the tokenizer it was trained with
-        named = config.tokenizer or model
-        tokenizer = str(Path(named).resolve()) if Path(named).exists() else named
-        load_tokenizer(tokenizer)
-    return EmotionTask(tokenizer=tokenizer, model=model, corpus=corpus, max_length=config.max_length,
+    model = model_source(config.model)
+    if config.tokenizer is not None:
+        load_tokenizer(config.tokenizer)
+        tokenizer = storage.portable(config.tokenizer)
+    elif model is not None:  # a model's own folder or hub name carries the tokenizer it was trained with
+        tokenizer = model
+    else:
+        tokenizer = storage.portable(default_tokenizer([e.text for e in examples if e.split == "train"]).name_or_path)
+    load_tokenizer(storage.local_path(tokenizer))  # a broken one fails here, in one line, not in every actor
+    return EmotionTask(tokenizer=tokenizer, model=model, examples=examples, max_length=config.max_length,
                        model_options={"hidden_size": config.hidden_size, "num_layers": config.num_layers},
                        train_head_only=config.train_head_only)
 
 
-def local_model(model: str | None) -> str | None:
-    """``model`` as the actors should load it: a registry URI becomes a cached local copy, a local path absolute."""
+def model_source(model: str | None) -> Source | None:
+    """``model`` in a form every node can use: a registry URI pinned to its version now, a local folder's files, a hub name."""
     if model is not None and model.startswith("models:/"):
-        from mlplatform.emotion.tokenizer import cache_dir
         from mlplatform.mlops.registry import ModelRegistry
 
-        return str(ModelRegistry().cached_model(model, cache_dir())[1])
-    return str(Path(model).resolve()) if model and Path(model).exists() else model
+        return ModelRegistry().pinned(model)
+    return storage.portable(model) if model is not None else None
 
 
 def build_partitions(config: FederatedConfig, task: FederatedTask) -> list[np.ndarray]:
@@ -269,8 +276,9 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
             report.actor_memory_mb = pool.resident_bytes() / 2**20
             history.append(report)
             bar.set_postfix_str(_progress_line(report), refresh=False)
-            if tracker is not None:
+            if tracker is not None:  # once per round, so the store shows the run as it goes
                 tracker.log_metrics(report.metrics(), step=server_round)
+                tracker.flush()
     finally:
         pool.shutdown()
     test_metrics = evaluate(server.weights, "test")

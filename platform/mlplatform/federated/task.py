@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -18,15 +19,22 @@ from mlplatform.emotion.data import EmotionCollator, EmotionDataset, EmotionExam
 from mlplatform.emotion.labels import NUM_EMOTIONS
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.tokenizer import load_tokenizer
+from mlplatform.mlops.registry import RegistrySource
+from mlplatform.storage import PortableFolder, local_path
 
 Batch = dict[str, torch.Tensor]
+Source = Union[PortableFolder, RegistrySource, str]
+"""Where a tokenizer or model comes from, in a form every node can use: carried files, a registry version, a hub name."""
 
 
 class FederatedTask(ABC):
     """A model and its data, built once inside each client actor and on the server; only weights travel per round.
 
-    A task is a small picklable description: its data loads lazily, where it is used. Clients see the
-    training split by index (their partition); the server evaluates on a held-out split.
+    A task is picklable and carries everything by value (the labelled examples, the tokenizer's and a
+    model's files, or a registry version any node downloads), so a client actor on another node never
+    reads the driver's disk; what is derived from it (features, tokenized datasets) is built lazily,
+    where it is used. Clients see the training split by index (their partition); the server
+    evaluates on a held-out split.
     """
 
     @abstractmethod
@@ -82,13 +90,13 @@ class FederatedTask(ABC):
 
 
 class CorpusTask(FederatedTask, ABC):
-    """A task on a labelled emotion corpus (texts with no emotion at all have no label and are left out)."""
+    """A task on labelled emotion examples (texts with no emotion at all have no label and are left out)."""
 
-    corpus: str | None
+    examples: tuple[EmotionExample, ...]
 
     @functools.cached_property
     def _examples(self) -> list[EmotionExample]:
-        return [e for e in load_corpus(self.corpus) if max(e.intensity) > 0]
+        return [e for e in self.examples if max(e.intensity) > 0]
 
 
 class NgramClassifier(nn.Module):
@@ -119,12 +127,12 @@ class NgramTask(CorpusTask):
     """The emotion corpus as hashed character 1-3-grams (stateless hashing, so no vocabulary leaks between clients).
 
     Args:
-        corpus: JSONL file or folder of labelled texts; None uses the bundled corpus.
+        examples: the labelled texts of every split; None reads the bundled corpus.
         num_features: hash buckets (the model has ``8 * num_features`` weights plus 8 biases).
     """
 
-    def __init__(self, *, corpus: str | None = None, num_features: int = 4096) -> None:
-        self.corpus = corpus
+    def __init__(self, *, examples: Sequence[EmotionExample] | None = None, num_features: int = 4096) -> None:
+        self.examples = tuple(examples if examples is not None else load_corpus())
         self.num_features = num_features
 
     @functools.cached_property
@@ -148,36 +156,38 @@ class NgramTask(CorpusTask):
         data = self._features[split]
         return data if indices is None else torch.utils.data.Subset(data, indices.tolist())
 
-    def __getstate__(self) -> dict[str, Any]:  # ship the description only; data is rebuilt where it is used
-        return {"corpus": self.corpus, "num_features": self.num_features}
+    def __getstate__(self) -> dict[str, Any]:  # ship the examples only; features are rebuilt where they are used
+        return {"examples": self.examples, "num_features": self.num_features}
 
 
 class EmotionTask(CorpusTask):
     """The emotion classifier (:class:`~mlplatform.emotion.model.EmotionClassifier`) on the labelled corpus.
 
     Args:
-        tokenizer: path or hub name of the tokenizer (the driver prepares the project's own when none is given).
-        model: a saved emotion model or encoder to fine-tune; None builds the small default BERT from a config.
-        corpus: JSONL file or folder; None uses the bundled corpus.
+        tokenizer: the tokenizer's files (:class:`~mlplatform.storage.PortableFolder`), a registry version
+            whose model folder holds it, or a hub name.
+        model: a saved emotion model or encoder to fine-tune, in the same forms; None builds the small
+            default BERT from a config.
+        examples: the labelled texts of every split; None reads the bundled corpus.
         max_length: tokens per text.
         model_options: ``EmotionClassifier.from_config`` sizes for the default model.
         train_head_only: freeze the encoder and federate only the classification head. Under DP this
             matters: the noise's norm grows with the square root of the trained weights' count.
     """
 
-    def __init__(self, *, tokenizer: str, model: str | None = None, corpus: str | None = None,
+    def __init__(self, *, tokenizer: Source, model: Source | None = None, examples: Sequence[EmotionExample] | None = None,
                  max_length: int = 128, model_options: dict[str, Any] | None = None,
                  train_head_only: bool = False) -> None:
-        self.tokenizer_path = tokenizer
-        self.model_path = model
-        self.corpus = corpus
+        self.tokenizer = tokenizer
+        self.model = model
+        self.examples = tuple(examples if examples is not None else load_corpus())
         self.max_length = max_length
         self.model_options = dict(model_options or {})
         self.train_head_only = train_head_only
 
     @functools.cached_property
     def _tokenizer(self) -> Any:
-        return load_tokenizer(self.tokenizer_path)
+        return load_tokenizer(local_path(self.tokenizer))
 
     @functools.cached_property
     def _collator(self) -> EmotionCollator:
@@ -190,8 +200,8 @@ class EmotionTask(CorpusTask):
                 for split in ("train", "dev", "test")}
 
     def build_model(self) -> nn.Module:
-        if self.model_path is not None:
-            model = EmotionClassifier.from_pretrained(self.model_path, target="single")
+        if self.model is not None:
+            model = EmotionClassifier.from_pretrained(local_path(self.model), target="single")
         else:
             model = EmotionClassifier.from_config(self._tokenizer, target="single", max_length=self.max_length,
                                                   **self.model_options)
@@ -216,6 +226,6 @@ class EmotionTask(CorpusTask):
         self._tokenizer.save_pretrained(folder)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tokenizer_path": self.tokenizer_path, "model_path": self.model_path, "corpus": self.corpus,
+        return {"tokenizer": self.tokenizer, "model": self.model, "examples": self.examples,
                 "max_length": self.max_length, "model_options": self.model_options,
                 "train_head_only": self.train_head_only}

@@ -20,8 +20,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlplatform.mlops.tracking import TrackingError, default_tracking_uri, open_client, translated_errors
+from mlplatform.storage import cache_dir
 
-__all__ = ["ModelRegistry", "RegisteredVersion", "RegistryError", "parse_model_uri"]
+__all__ = ["ModelRegistry", "RegisteredVersion", "RegistryError", "RegistrySource", "parse_model_uri"]
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -48,6 +49,27 @@ class RegisteredVersion:
     def uri(self) -> str:
         """``models:/<name>/<version>``."""
         return f"models:/{self.name}/{self.version}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrySource:
+    """A registered version pinned by number, which whichever node uses it downloads into its own cache.
+
+    Pinned on the driver (see :meth:`ModelRegistry.pinned`), so every node gets the same version even
+    if the alias moves mid-run; downloaded from the tracking server, which every node reaches.
+    """
+
+    name: str
+    version: str
+    tracking_uri: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def local_path(self) -> str:
+        """The version's model folder on this node, downloaded on first use."""
+        return str(ModelRegistry(self.tracking_uri).cached_model(self.uri, cache_dir())[1])
 
 
 def parse_model_uri(uri: str) -> tuple[str, str]:
@@ -162,6 +184,11 @@ class ModelRegistry:
         """The latest value of each metric a run logged (what a new version is usually judged by)."""
         with self._calling(f"read the metrics of run {run_id!r}"):
             return dict(self._client.get_run(run_id).data.metrics)
+
+    def pinned(self, uri: str) -> RegistrySource:
+        """The version ``models:/<name>@<alias>`` (or ``/<version>``) points at now, for nodes to download."""
+        version = self.get_model_version(*parse_model_uri(uri))
+        return RegistrySource(version.name, version.version, self.tracking_uri)
 
     def cached_model(self, uri: str, cache: str | Path) -> tuple[RegisteredVersion, Path]:
         """A local copy of the version ``uri`` names, downloaded once into ``cache`` and reused after.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +12,7 @@ import pydantic
 import torch
 from pydantic.dataclasses import dataclass
 
+from mlplatform import storage
 from mlplatform.config import RUN_CONFIG, config_to_dict
 from mlplatform.rl.atari import is_atari, register_atari_envs
 from mlplatform.rl.losses import double_dqn_targets, td_loss
@@ -247,26 +248,36 @@ class DQNAgent:
         self.updates = int(state["updates"])
         self.rng.bit_generator.state = state["rng"]
 
-    def save(self, path: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
-        """Write a checkpoint file (plain tensors and Python values only), atomically.
+    def checkpoint_bytes(self, *, extra: dict[str, Any] | None = None) -> bytes:
+        """The checkpoint as bytes (plain tensors and Python values only), ready to ship or store anywhere.
 
         Args:
-            path: where to write; the previous file stays intact if writing fails midway.
             extra: plain values stored beside the state (e.g. the MLflow run id).
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        torch.save({**self.state_dict(), "extra": dict(extra or {})}, partial)
-        os.replace(partial, path)
-        return path
+        buffer = io.BytesIO()
+        torch.save({**self.state_dict(), "extra": dict(extra or {})}, buffer)
+        return buffer.getvalue()
 
-    def load(self, path: str | Path) -> dict[str, Any]:
-        """Read a checkpoint written by :meth:`save`; never unpickles arbitrary objects.
+    def load_checkpoint_bytes(self, data: bytes) -> dict[str, Any]:
+        """Restore what :meth:`checkpoint_bytes` produced; never unpickles arbitrary objects.
 
         Returns:
             The ``extra`` values saved with it.
         """
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
         self.load_state_dict(state)
         return state.get("extra", {})
+
+    def save(self, location: str | Path, *, extra: dict[str, Any] | None = None) -> str:
+        """Write a checkpoint to a path or storage URI (see :mod:`mlplatform.storage`), whole or not at all.
+
+        Args:
+            location: where to write; the previous checkpoint stays intact if writing fails midway.
+            extra: plain values stored beside the state (e.g. the MLflow run id).
+        """
+        storage.write_bytes(str(location), self.checkpoint_bytes(extra=extra))
+        return str(location)
+
+    def load(self, location: str | Path) -> dict[str, Any]:
+        """Read a checkpoint written by :meth:`save`; returns the ``extra`` values saved with it."""
+        return self.load_checkpoint_bytes(storage.read_bytes(str(location)))

@@ -41,7 +41,8 @@ class TrainResult:
     seconds: float
     final_eval_return: float
     solved_at_step: int | None
-    checkpoint: Path
+    checkpoint: str
+    """Where the final checkpoint is: a local path or a storage URI."""
     eval_history: list[tuple[int, float]]
 
 

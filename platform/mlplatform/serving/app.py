@@ -8,6 +8,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from mlplatform.serving.deployments import EmotionModel, PolicyModel
@@ -38,6 +39,31 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
     return JSONResponse({"detail": details}, status_code=422)
 
 
+REPLICA_ATTEMPTS = 4
+"""Tries per model call: a replica lost with its node fails the calls it held, and Serve routes the next try to a live one."""
+RETRY_BACKOFF_S = 0.25
+"""Wait before the second try, doubling for each after (0.25 + 0.5 + 1 s: about how long Serve takes to notice a dead replica)."""
+
+
+async def call_replica(method: Any, *args: Any) -> Any:
+    """``method.remote(*args)`` on a model deployment, tried again on another replica if the one that took it died.
+
+    Model calls are read-only, so a call that may or may not have run on a lost replica is safe to repeat.
+
+    Raises:
+        HTTPException: 503 when every try found a replica gone.
+    """
+    for attempt in range(REPLICA_ATTEMPTS - 1):
+        try:
+            return await method.remote(*args)
+        except RayActorError:
+            await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
+    try:
+        return await method.remote(*args)
+    except RayActorError:
+        raise HTTPException(503, "no model replica answered; try again shortly") from None
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Ingress:
@@ -59,7 +85,7 @@ class Ingress:
         """Label and eight probabilities for each text, from emotion model ``name``."""
         if name not in self.emotions:
             raise HTTPException(404, f"no emotion model named {name!r}; deployed: {sorted(self.emotions)}")
-        results = await asyncio.gather(*(self.emotions[name].predict.remote(text) for text in body.texts()))
+        results = await asyncio.gather(*(call_replica(self.emotions[name].predict, text) for text in body.texts()))
         errors = [f"text {i}: {r['error']}" for i, r in enumerate(results) if "error" in r]
         if errors:
             raise HTTPException(422, "; ".join(errors))
@@ -71,7 +97,7 @@ class Ingress:
         """The greedy action and the Q-values of policy ``name`` for one observation."""
         if name not in self.policies:
             raise HTTPException(404, f"no policy named {name!r}; deployed: {sorted(self.policies)}")
-        result = await self.policies[name].act.remote(body.observation)
+        result = await call_replica(self.policies[name].act, body.observation)
         if "error" in result:
             raise HTTPException(422, [{"loc": ["body", "observation"], "msg": result["error"], "type": "value_error"}])
         return PolicyResponse(model=name, version=result["version"], action=result["action"], q_values=result["q_values"])

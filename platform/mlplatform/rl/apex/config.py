@@ -39,7 +39,7 @@ class ApexConfig(QLearningConfig):
     checkpoint_every: int = pydantic.Field(2_000, ge=1)
     """Learner updates between checkpoints (model, optimizer, counters)."""
     checkpoint_dir: str = "checkpoints/apex"
-    """Folder for ``latest.pt``; relative paths resolve against the driver's working folder."""
+    """Folder or storage URI for ``latest.pt``, written by the driver; a relative one goes under $MLPLATFORM_STORAGE, else the working folder."""
     worker_num_cpus: float = pydantic.Field(0.5, ge=0.0)
     """CPUs reserved per rollout worker."""
     learner_num_cpus: float = pydantic.Field(1.0, ge=0.0)
@@ -49,7 +49,7 @@ class ApexConfig(QLearningConfig):
     experiment_name: str = "apex"
     """MLflow experiment the run is logged under."""
     max_restarts: int = pydantic.Field(10, ge=0)
-    """Dead workers and shards replaced before the run gives up."""
+    """Dead workers, shards and learners replaced before the run gives up."""
 
     @pydantic.model_validator(mode="after")
     def _enough_warmup(self) -> ApexConfig:

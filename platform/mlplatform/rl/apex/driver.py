@@ -1,10 +1,12 @@
-"""The Ape-X driver: places the actors, routes experience, replaces the dead, evaluates, checkpoints."""
+"""The Ape-X driver: routes experience between the actors, replaces the dead, evaluates, keeps the checkpoint."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import secrets
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,16 +14,14 @@ import gymnasium as gym
 import numpy as np
 import ray
 import torch
-from ray.actor import ActorHandle
 from tqdm.auto import tqdm
 
+from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import ConfigError, config_to_dict
 from mlplatform.rl.agent import DQNAgent
-from mlplatform.rl.apex.config import ApexConfig, apex_epsilons
-from mlplatform.rl.apex.learner import LearnerActor
-from mlplatform.rl.apex.rollout import RolloutWorkerActor
-from mlplatform.rl.apex.shard import ReplayShardActor
+from mlplatform.rl.apex.config import ApexConfig
+from mlplatform.rl.apex.fleet import LOST_WITH_A_NODE, Fleet, actor_id
 from mlplatform.rl.losses import linear_schedule
 from mlplatform.rl.train import MetricsSink, TrainResult, evaluate, make_vector_env
 
@@ -34,14 +34,18 @@ class ApexResult(TrainResult):
 
     workers_replaced: int = 0
     shards_replaced: int = 0
+    learner_restarts: int = 0
     lost_transitions: int = 0
+    """Transitions lost with dead shards, and blocks lost with a worker's node before they were stored."""
+    lost_updates: int = 0
+    """Learner updates made after its last checkpoint and lost with it."""
     learner_wait_fraction: float = 0.0
     resumed_from_update: int | None = None
 
 
-def checkpoint_path(config: ApexConfig) -> Path:
-    """Where the run's latest checkpoint lives (``--resume`` reads it back)."""
-    return Path(config.checkpoint_dir).expanduser().resolve() / "latest.pt"
+def checkpoint_uri(config: ApexConfig) -> str:
+    """Where the run's latest checkpoint lives: ``<checkpoint_dir>/latest.pt``, a path or storage URI (``--resume`` reads it)."""
+    return storage.join(storage.resolve(config.checkpoint_dir), "latest.pt")
 
 
 def checkpoint_extra(config: ApexConfig) -> dict:
@@ -50,67 +54,26 @@ def checkpoint_extra(config: ApexConfig) -> dict:
     Raises:
         ConfigError: there is no checkpoint to resume from.
     """
-    path = checkpoint_path(config)
-    if not path.is_file():
-        raise ConfigError(f"--resume found no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True).get("extra", {})
+    return torch.load(io.BytesIO(_read_checkpoint(config)), map_location="cpu", weights_only=True).get("extra", {})
 
 
-def _actor_id(actor: ActorHandle) -> str:
-    return actor._actor_id.hex()
-
-
-class _Fleet:
-    """The rollout workers and replay shards of one run, and how to replace each of them."""
-
-    def __init__(self, config: ApexConfig, obs_space: gym.Space, tag: str) -> None:
-        self.config = config
-        self.obs_space = obs_space
-        self.tag = tag
-        slots = apex_epsilons(config.num_workers * config.num_envs, eps_base=config.eps_base, eps_alpha=config.eps_alpha)
-        self.epsilons = slots.reshape(config.num_workers, config.num_envs)
-        self.generation = {"worker": [0] * config.num_workers, "shard": [0] * config.num_shards}
-        self.workers = [self._start_worker(i) for i in range(config.num_workers)]
-        self.shards = [self._start_shard(k) for k in range(config.num_shards)]
-        self.shard_sizes = [0] * config.num_shards
-
-    def _name(self, kind: str, index: int) -> str:
-        # Named so operators (and the fault tests) can find them: apex-<run>-worker-<i>.<generation>
-        return f"apex-{self.tag}-{kind}-{index}.{self.generation[kind][index]}"
-
-    def _start_worker(self, index: int) -> ActorHandle:
-        options = {"num_cpus": self.config.worker_num_cpus, "name": self._name("worker", index)}
-        return RolloutWorkerActor.options(**options).remote(
-            self.config, index, self.epsilons[index], self.generation["worker"][index]
-        )
-
-    def _start_shard(self, index: int) -> ActorHandle:
-        return ReplayShardActor.options(num_cpus=0, name=self._name("shard", index)).remote(
-            self.config.buffer_size // self.config.num_shards,
-            self.obs_space.shape,
-            self.obs_space.dtype.str,
-            prioritized=self.config.prioritized,
-            alpha=self.config.alpha,
-            seed=self.config.seed + 7_919 * index + 104_729 * self.generation["shard"][index],
-        )
-
-    def replace_worker(self, index: int) -> None:
-        self.generation["worker"][index] += 1
-        self.workers[index] = self._start_worker(index)
-
-    def replace_shard(self, index: int) -> int:
-        """Start an empty shard in place of a dead one; returns the transitions lost with it."""
-        lost, self.shard_sizes[index] = self.shard_sizes[index], 0
-        self.generation["shard"][index] += 1
-        self.shards[index] = self._start_shard(index)
-        return lost
-
-    def all(self) -> list[ActorHandle]:
-        return [*self.workers, *self.shards]
+def _read_checkpoint(config: ApexConfig) -> bytes:
+    location = checkpoint_uri(config)
+    try:
+        return storage.read_bytes(location)
+    except FileNotFoundError:
+        raise ConfigError(f"--resume found no checkpoint at {location}") from None
 
 
 class _ApexRun:
-    """One run's event loop: every finished actor call is handled as it lands."""
+    """One run's event loop: every finished actor call is handled as it lands.
+
+    The driver owns the checkpoint: the learner hands its state over as bytes, and the driver writes
+    them to ``checkpoint_dir`` and keeps the last ones, so the learner's node keeps nothing that
+    matters. When the learner dies (its node lost), a new one continues from those bytes: the
+    updates since are lost and made up, while env steps, the β schedule and the replay on the
+    surviving shards carry on, since they live here and on the shards.
+    """
 
     def __init__(self, config: ApexConfig, tracker: MetricsSink | None, resume: bool, progress: bool, extra: dict) -> None:
         probe = make_vector_env(config.env_id, 1)  # with the wrappers the workers use (Atari frames)
@@ -118,25 +81,21 @@ class _ApexRun:
         probe.close()
         if not isinstance(action_space, gym.spaces.Discrete):
             raise ConfigError(f"DQN needs a discrete action space; {config.env_id} has {action_space}")
-        self.latest = checkpoint_path(config)
-        if resume and not self.latest.is_file():
-            raise ConfigError(f"--resume found no checkpoint at {self.latest}")
+        self.latest = checkpoint_uri(config)
+        self.last_checkpoint = _read_checkpoint(config) if resume else None
         self.config, self.tracker, self.extra = config, tracker, extra
         self.started = time.perf_counter()
 
         num_gpus = config.learner_num_gpus
         if num_gpus is None:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        self.fleet = _Fleet(config, obs_space, secrets.token_hex(3))
-        self.learner = LearnerActor.options(num_cpus=config.learner_num_cpus, num_gpus=num_gpus).remote(
-            obs_space.shape, int(action_space.n), config, self.fleet.shards, "cuda" if num_gpus > 0 else "cpu"
-        )
+        self.fleet = Fleet(config, obs_space, int(action_space.n), num_gpus, secrets.token_hex(3))
         self.result = ApexResult(
             env_steps=0, updates=0, seconds=0.0, final_eval_return=float("nan"), solved_at_step=None,
             checkpoint=self.latest, eval_history=[],
         )
-        if resume:
-            counters = ray.get(self.learner.load.remote(str(self.latest)))
+        if self.last_checkpoint is not None:
+            counters = ray.get(self.fleet.learner.restore.remote(self.last_checkpoint))
             self.result.env_steps, self.result.updates = counters["env_steps"], counters["updates"]
             self.result.resumed_from_update = counters["updates"]
             log.warning("resumed from %s at update %d, env step %d", self.latest, counters["updates"], counters["env_steps"])
@@ -144,9 +103,9 @@ class _ApexRun:
             tracker.log_params({**config_to_dict(config), "learner_num_gpus": num_gpus})
 
         self.eval_agent = DQNAgent(obs_space.shape, int(action_space.n), dataclasses.replace(config, device="cpu"))
-        [self.weights] = ray.get(self.learner.weights.remote())
+        [self.weights] = ray.get(self.fleet.learner.weights.remote())
         self.collecting: dict[ray.ObjectRef, tuple[int, ray.ObjectRef, ray.ObjectRef]] = {}
-        self.adding: dict[ray.ObjectRef, tuple[int, str, ray.ObjectRef, ray.ObjectRef]] = {}
+        self.adding: dict[ray.ObjectRef, tuple[int, str, ray.ObjectRef, ray.ObjectRef, int]] = {}
         self.training: ray.ObjectRef | None = None
         self.idle_workers: list[int] = []
         self.next_shard = 0
@@ -163,11 +122,11 @@ class _ApexRun:
         block, priorities, stats = self.fleet.workers[index].collect.remote(self.weights)
         self.collecting[stats] = (index, block, priorities)
 
-    def submit_add(self, block: ray.ObjectRef, priorities: ray.ObjectRef) -> None:
+    def submit_add(self, block: ray.ObjectRef, priorities: ray.ObjectRef, size: int) -> None:
         index = self.next_shard % self.config.num_shards
         self.next_shard += 1
         shard = self.fleet.shards[index]
-        self.adding[shard.add.remote(block, priorities)] = (index, _actor_id(shard), block, priorities)
+        self.adding[shard.add.remote(block, priorities)] = (index, actor_id(shard), block, priorities, size)
 
     def owed_updates(self) -> int:
         return int((self.result.env_steps - self.config.learning_starts) * self.config.updates_per_step) - self.result.updates
@@ -176,7 +135,7 @@ class _ApexRun:
         ready = min(self.fleet.shard_sizes) >= self.config.batch_size
         if self.training is None and ready and self.owed_updates() > 0:
             beta = linear_schedule(self.config.beta_start, self.config.beta_end, self.config.total_steps, self.result.env_steps)
-            self.training = self.learner.train.remote(min(self.config.updates_per_call, self.owed_updates()), beta)
+            self.training = self.fleet.learner.train.remote(min(self.config.updates_per_call, self.owed_updates()), beta)
 
     def wake_idle_workers(self) -> None:
         # Backpressure: workers pause while the learner owes more than two calls' worth of updates,
@@ -197,6 +156,10 @@ class _ApexRun:
             self.log_faults()
             self.submit_collect(index)
             return
+        except ray.exceptions.ObjectLostError:  # the weights it was sent were lost with the learner's node
+            self.refresh_weights()
+            self.submit_collect(index)
+            return
         self.result.env_steps += stats["env_steps"]
         self.bar.update(stats["env_steps"])
         returns = stats["episode_returns"]
@@ -204,38 +167,45 @@ class _ApexRun:
         if returns:
             self.bar.set_postfix(ret=f"{np.mean(returns):.0f}", refresh=False)
             self.log({"charts/episodic_return": float(np.mean(returns))})
-        self.submit_add(block, priorities)
+        self.submit_add(block, priorities, stats["env_steps"])
         self.idle_workers.append(index)
         self.wake_idle_workers()
 
     def on_added(self, ref: ray.ObjectRef) -> None:
-        index, actor_id, block, priorities = self.adding.pop(ref)
+        index, shard_id, block, priorities, size = self.adding.pop(ref)
         try:
             self.fleet.shard_sizes[index] = ray.get(ref)
         except ray.exceptions.RayActorError:
-            self.replace_shard(actor_id)
-            self.submit_add(block, priorities)  # the block itself survived; only the shard's store is lost
+            self.replace_shard(shard_id)
+            self.submit_add(block, priorities, size)  # the block itself survived; only the shard's store is lost
+        except ray.exceptions.ObjectLostError:  # the block died with its worker's node before a shard stored it
+            self.result.lost_transitions += size
+            self.log_faults()
 
-    def replace_shard(self, actor_id: str) -> None:
-        current = [_actor_id(shard) for shard in self.fleet.shards]
-        if actor_id not in current:
+    def replace_shard(self, dead_id: str) -> None:
+        current = [actor_id(shard) for shard in self.fleet.shards]
+        if dead_id not in current:
             return  # already replaced when another call noticed
-        index = current.index(actor_id)
+        index = current.index(dead_id)
         lost = self.fleet.replace_shard(index)
         log.warning("replay shard %d died with %d transitions; starting an empty replacement", index, lost)
         self.result.shards_replaced += 1
         self.result.lost_transitions += lost
-        self.learner.set_shards.remote(self.fleet.shards)
+        self.fleet.learner.set_shards.remote(self.fleet.shards)
         self.log_faults()
 
     def on_trained(self, ref: ray.ObjectRef) -> None:
         self.training = None
-        outcome = ray.get(ref)
+        try:
+            outcome = ray.get(ref)
+        except LOST_WITH_A_NODE:
+            self.restore_learner()
+            return
         self.result.updates = outcome["updates"]
         [self.weights] = outcome["weights"]
         self.result.learner_wait_fraction = outcome["wait_fraction"]
-        for actor_id in outcome["dead_shards"]:
-            self.replace_shard(actor_id)
+        for dead in outcome["dead_shards"]:
+            self.replace_shard(dead)
         if self.result.updates >= self.next_checkpoint:
             self.next_checkpoint += self.config.checkpoint_every
             self.save_checkpoint()
@@ -254,8 +224,12 @@ class _ApexRun:
     def maybe_evaluate(self) -> None:
         if self.result.env_steps < self.next_eval:
             return
+        try:
+            self.eval_agent.set_weights(ray.get(self.weights))
+        except ray.exceptions.ObjectLostError:  # lost with the learner; evaluate once a new one publishes
+            self.refresh_weights()
+            return
         self.next_eval += self.config.eval_every
-        self.eval_agent.set_weights(ray.get(self.weights))
         returns = evaluate(self.eval_agent, self.config.env_id, self.config.eval_episodes, seed=self.config.seed + 10_000 + self.result.env_steps)
         self.result.eval_history.append((self.result.env_steps, float(returns.mean())))
         self.result.final_eval_return = float(returns.mean())
@@ -265,25 +239,66 @@ class _ApexRun:
             self.result.solved_at_step = self.result.env_steps
 
     def save_checkpoint(self) -> None:
-        ray.get(self.learner.save.remote(str(self.latest), self.result.env_steps, self.extra))
+        try:
+            checkpoint = ray.get(self.fleet.learner.checkpoint.remote(self.result.env_steps, self.extra))
+        except LOST_WITH_A_NODE:
+            self.restore_learner()
+            return
+        storage.write_bytes(self.latest, checkpoint)
+        self.last_checkpoint = checkpoint
+
+    def refresh_weights(self) -> None:
+        """Take the learner's newest weights; a learner that cannot answer is restored."""
+        try:
+            [self.weights] = ray.get(self.fleet.learner.weights.remote())
+        except LOST_WITH_A_NODE:
+            self.restore_learner()
+
+    def restore_learner(self) -> None:
+        """The learner died (its node, most often): a new one continues from the last checkpoint of this run.
+
+        A replacement placed on a node that is dying too (Ray notices a lost node only after a few
+        missed heartbeats) dies as well; it is replaced again, up to ``max_restarts`` in all.
+        """
+        self.training = None
+        before = self.result.updates
+        while True:
+            self.result.learner_restarts += 1
+            self.log_faults()
+            try:
+                counters = self.fleet.replace_learner(self.last_checkpoint)
+                [self.weights] = ray.get(self.fleet.learner.weights.remote())
+                break
+            except LOST_WITH_A_NODE:
+                continue
+        self.result.updates = counters["updates"] if counters else 0
+        self.result.lost_updates += before - self.result.updates
+        self.next_checkpoint = self.result.updates + self.config.checkpoint_every
+        log.warning("the learner died at update %d; a new one continues from update %d", before, self.result.updates)
+        self.log_faults()
 
     def log(self, metrics: dict[str, float]) -> None:
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=self.result.env_steps)
 
     def log_faults(self) -> None:
-        if self.result.workers_replaced + self.result.shards_replaced > self.config.max_restarts:
+        result = self.result
+        if result.workers_replaced + result.shards_replaced + result.learner_restarts > self.config.max_restarts:
             raise RuntimeError(f"gave up after {self.config.max_restarts} replaced actors")
         self.log({
-            "faults/workers_replaced": self.result.workers_replaced,
-            "faults/shards_replaced": self.result.shards_replaced,
-            "faults/lost_transitions": self.result.lost_transitions,
+            "faults/workers_replaced": result.workers_replaced,
+            "faults/shards_replaced": result.shards_replaced,
+            "faults/learner_restarts": result.learner_restarts,
+            "faults/lost_transitions": result.lost_transitions,
+            "faults/lost_updates": result.lost_updates,
         })
 
     # ---- main loop ----
     def run(self) -> ApexResult:
         try:
             while self.result.env_steps < self.config.total_steps and self.result.solved_at_step is None:
+                # after a replacement too: an empty new shard needs experience, a restored learner owes updates
+                self.wake_idle_workers()
                 self.maybe_train()
                 pending = [*self.collecting, *self.adding, *([self.training] if self.training else [])]
                 ready, _ = ray.wait(pending, num_returns=1, timeout=10.0)
@@ -300,7 +315,7 @@ class _ApexRun:
             self.save_checkpoint()
         finally:
             self.bar.close()
-            for actor in [*self.fleet.all(), self.learner]:
+            for actor in self.fleet.all():
                 ray.kill(actor)
         self.result.seconds = time.perf_counter() - self.started
         self.finish_tracking()
@@ -316,7 +331,11 @@ class _ApexRun:
         if self.result.eval_history:
             steps, values = zip(*self.result.eval_history)
             self.tracker.log_learning_curve(steps, values, name="eval_return", xlabel="env steps", ylabel="greedy return")
-        self.tracker.log_checkpoint(self.latest)
+        if self.last_checkpoint is not None:
+            with tempfile.TemporaryDirectory() as folder:
+                local = Path(folder) / "latest.pt"
+                local.write_bytes(self.last_checkpoint)
+                self.tracker.log_checkpoint(local)
 
 
 def train_apex(
@@ -336,7 +355,7 @@ def train_apex(
     Args:
         config: hyper-parameters and the actor layout.
         tracker: where params, metrics, curves and the checkpoint go (None: nowhere).
-        resume: continue from ``<checkpoint_dir>/latest.pt`` with its counters.
+        resume: continue from ``<checkpoint_dir>/latest.pt`` (a path or storage URI) with its counters.
         progress: show a progress line.
         extra: plain values saved in every checkpoint (e.g. the MLflow run id, for resuming).
 

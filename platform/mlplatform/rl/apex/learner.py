@@ -120,15 +120,14 @@ class Learner:
             except ray.exceptions.RayActorError:
                 pass  # the shard is gone; the driver replaces it and reports its lost data
 
-    def save(self, path: str, env_steps: int, extra: dict[str, Any]) -> int:
-        """Checkpoint networks, optimizer and counters; returns the update count saved."""
+    def checkpoint(self, env_steps: int, extra: dict[str, Any]) -> bytes:
+        """Networks, optimizer and counters as bytes: the driver stores them, so no path on this node matters."""
         self.agent.env_steps = env_steps
-        self.agent.save(path, extra=extra)
-        return self.agent.updates
+        return self.agent.checkpoint_bytes(extra=extra)
 
-    def load(self, path: str) -> dict[str, Any]:
-        """Restore a checkpoint; returns its counters and the extra entries saved with it."""
-        extra = self.agent.load(path)
+    def restore(self, checkpoint: bytes) -> dict[str, Any]:
+        """Continue from :meth:`checkpoint`'s bytes; returns its counters and the extra entries saved with it."""
+        extra = self.agent.load_checkpoint_bytes(checkpoint)
         self.weights_ref = ray.put(self.agent.weights())
         return {"updates": self.agent.updates, "env_steps": self.agent.env_steps, "extra": extra}
 

@@ -1,0 +1,146 @@
+"""Emotion training under Ray Train: the launcher (``fit_emotion_model``), its per-worker entry, and the checkpoints it resumes from."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlplatform import storage
+from mlplatform.cluster import connect_ray
+from mlplatform.config import config_to_dict
+from mlplatform.emotion.data import EmotionCollator, EmotionDataset
+from mlplatform.emotion.model import EmotionClassifier
+from mlplatform.emotion.tokenizer import load_tokenizer
+from mlplatform.emotion.train import (
+    TRAINER_STATE, EmotionConfig, TrainingInputs, evaluate, load_examples, log_resumed, prepare_inputs, train_emotion_model,
+)
+
+
+@dataclasses.dataclass
+class EmotionResult:
+    """What a training produced: the best model folder (on this machine) and its metrics."""
+
+    checkpoint: Path
+    dev_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    best_epoch: int
+    seconds: float
+
+
+def _ray_train_loop(config: dict[str, Any]) -> None:
+    """Per-worker entry under TorchTrainer: the four Ray touches, then the shared loop."""
+    import ray.train
+    import ray.train.torch
+
+    rank = ray.train.get_context().get_world_rank()
+    inputs: TrainingInputs = config["inputs"]
+    settings = {k: v for k, v in config.items() if k not in ("inputs", "mlflow_run_id", "tracking_uri")}
+    tracker = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from mlplatform.mlops.tracking import ExperimentTracker
+
+        # Only rank 0 writes to MLflow, into the run the driver opened: one run per training, restarts included.
+        tracker = ExperimentTracker(config["experiment_name"], run_id=config["mlflow_run_id"], tracking_uri=config["tracking_uri"])
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]))
+            tracker.flush()
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)  # (3) metrics and rank 0's checkpoint
+
+    restored = ray.train.get_checkpoint()  # (4) after a lost worker or node: the latest checkpoint
+    with restored.as_directory() if restored else contextlib.nullcontext() as resume_from:
+        if tracker is not None and resume_from is not None:
+            log_resumed(tracker, resume_from)
+        train_emotion_model(
+            settings,
+            inputs=inputs,
+            report=report,
+            world_rank=rank,
+            prepare_model=ray.train.torch.prepare_model,  # (2) DDP across workers
+            prepare_loader=ray.train.torch.prepare_data_loader,  # (1) a shard of the data per worker
+            resume_from=resume_from,
+        )
+
+
+def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, output_dir: str | Path = "runs/emotion") -> EmotionResult:
+    """Train under Ray Train's TorchTrainer, then score the best checkpoint on the test split.
+
+    Checkpoints go to ``<output_dir>/ray_results``, a path or a storage URI; a relative one goes
+    under ``$MLPLATFORM_STORAGE`` when it is set, which on a multi-node cluster it must be (Ray Train
+    needs storage every node reaches). A lost worker or node restarts the workers, up to
+    ``max_failures`` times, each continuing from the latest checkpoint; the MLflow run stays one.
+
+    Args:
+        config: the training config.
+        tracker: an ``ExperimentTracker`` whose run the rank-0 worker logs into (None: no tracking).
+        output_dir: where Ray Train keeps checkpoints; the best model is copied to ``<output_dir>/best``
+            (or, for a URI, into this machine's cache).
+
+    Returns:
+        The best model (by dev macro-F1), with dev and test metrics.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    connect_ray()
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    loop_config = {**config_to_dict(config), "inputs": prepare_inputs(config)}
+    if tracker is not None:
+        tracker.log_params(config_to_dict(config))
+        loop_config |= {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}
+    name = f"emotion-{int(time.time())}"
+    output = storage.resolve(str(output_dir))
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, placement_strategy=config.placement_strategy,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage.join(output, "ray_results"),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="dev_macro_f1", checkpoint_score_order="max"),
+        ),
+    )
+    result = trainer.fit()
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["dev_macro_f1"])
+    best = best_model_folder(best_checkpoint, output, name)
+    test = score_checkpoint(best, config, split="test")
+    best_epoch = int(best_metrics["epoch"])
+    if tracker is not None:
+        tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, step=best_epoch)
+        tracker.log_artifact(best, artifact_path="model")
+    dev = {k.removeprefix("dev_"): v for k, v in best_metrics.items() if k.startswith("dev_")}
+    return EmotionResult(best, dev, test, best_epoch, time.perf_counter() - started)
+
+
+def best_model_folder(checkpoint: Any, output: str, name: str) -> Path:
+    """The best checkpoint as a model folder on this machine, without its training state.
+
+    A local ``output`` gets it as ``<output>/best``; a storage URI's run is copied into this machine's cache.
+    """
+    folder = Path(output) / "best" if not storage.is_uri(output) else storage.cache_dir() / "runs" / name / "best"
+    best = Path(checkpoint.to_directory(str(folder)))
+    (best / TRAINER_STATE).unlink(missing_ok=True)
+    return best
+
+
+def score_checkpoint(folder: str | Path, config: EmotionConfig, *, split: str = "test") -> dict[str, float]:
+    """Metrics of a saved model on one split of the config's data."""
+    tokenizer = load_tokenizer(folder)
+    classifier = EmotionClassifier.from_pretrained(folder)
+    examples = [e for e in load_examples(config) if e.split == split]
+    if not examples:
+        return {}
+    dataset = EmotionDataset(examples, tokenizer, target=classifier.target, max_length=config.max_length)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=EmotionCollator(tokenizer.pad_token_id))
+    return evaluate(classifier, loader, torch.device("cpu"))

@@ -1,0 +1,57 @@
+"""`mlplatform cluster local` without starting a cluster: what a worker node hides, and the one-line refusals."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from mlplatform.localcluster import ClusterConfig, ClusterState
+from mlplatform.services import hidden_paths, isolated
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_a_worker_node_hides_the_drivers_temp_folders_outputs_stores_and_caches(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLPLATFORM_HOME", "/tmp/some-test-home")  # inside /tmp: hidden with it, not mounted twice
+    folders, files = hidden_paths(REPO)
+    assert Path("/tmp") in folders and Path("/tmp/some-test-home") not in folders
+    assert {REPO / "runs", REPO / "checkpoints", REPO / "mlruns"} <= set(folders)
+    assert {Path.home() / ".cache", Path.home() / ".ray"} <= set(folders)
+    assert files == sorted(REPO.glob("mlruns.db*"))
+    (tmp_path / "mlruns.db").write_bytes(b"")
+    assert hidden_paths(tmp_path)[1] == []  # a store under /tmp is hidden with /tmp
+    argv = isolated(["ray", "start", "--block"], folders=folders, files=[REPO / "mlruns.db"])
+    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"] and argv[-3:] == ["ray", "start", "--block"]
+    script = argv[argv.index("-c") + 1]
+    assert "mount -t tmpfs tmpfs /tmp" in script and f"mount --bind /dev/null {REPO / 'mlruns.db'}" in script
+    assert "export HOME=/tmp/home" in script
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mlplatform"), "cluster", "local", *arguments], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cluster_commands_without_a_cluster_say_so_in_one_line(tmp_path):
+    for command in (["kill-node", "w1"], ["start-node", "w1"]):
+        done = run_cli(*command, "--home", str(tmp_path))
+        assert done.returncode == 2 and "no cluster is running" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("down", "--home", str(tmp_path))
+    assert done.returncode == 0 and "nothing of the cluster" in done.stdout
+
+
+def test_cluster_up_refuses_a_taken_port_before_starting_anything(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("up", "--set", f"home={tmp_path}", "--set", f"s3_port={port}")
+    assert done.returncode == 1 and f"port {port} (s3_port) is in use" in done.stderr and "Traceback" not in done.stderr
+    assert ClusterState.load(tmp_path) is None
+
+
+def test_the_default_cluster_is_a_head_and_two_isolated_workers_with_s3():
+    config = ClusterConfig()
+    assert config.workers == 2 and config.wants_s3() and "s3_port" in config.ports()
+    assert not ClusterConfig(workers=0).wants_s3()
