@@ -129,7 +129,8 @@ def train_apex_command(
     Connects to the cluster in RAY_ADDRESS (as under `ray job submit`), else starts a local one.
     """
     from mlplatform.rl.apex.config import ApexConfig
-    from mlplatform.rl.apex.driver import checkpoint_extra, train_apex
+    from mlplatform.rl.apex.checkpoint import checkpoint_extra
+    from mlplatform.rl.apex.driver import train_apex
 
     run_config = load_run_config(ApexConfig, config, set_, env_id=env, seed=seed, total_steps=total_steps)
     run_name = f"{run_config.env_id}__apex__{run_config.seed}__{int(time.time())}"

@@ -156,7 +156,7 @@ def test_ray_train_on_two_nodes_resumes_after_losing_one_and_keeps_one_run(clust
 def test_federated_dp_job_replaces_the_clients_of_a_lost_node_and_keeps_its_accounting(cluster):
     from mlplatform.federated.privacy import PrivacyAccountant
 
-    rounds, q, z = 8, 0.5, 1.0
+    rounds, q, z = 16, 0.5, 1.0
     submission = cluster.submit("python", "jobs/train_federated.py", "--config", "jobs/configs/federated_tiny.yaml", "--no-progress",
                                 "--set", f"rounds={rounds}", "--set", "num_clients=20", "--set", "num_actors=4",
                                 "--set", "dp=true", "--set", f"sample_rate={q}", "--set", f"noise_multiplier={z}",
@@ -181,6 +181,9 @@ def test_federated_dp_job_replaces_the_clients_of_a_lost_node_and_keeps_its_acco
     report("federated", fault_round=fault_round, fault_round_s=round(seconds[fault_round], 1),
            other_rounds_s=round(sorted(seconds.values())[len(seconds) // 2], 1), clients_retried=retried, client_errors=errors)
     assert retried + errors >= 1
+    registry = ModelRegistry(cluster.tracking_uri)
+    version = registry.register_model("federated-multinode", run_id=run_id)
+    assert (registry.download_model(version.name, version.version)[1] / "model.pt").is_file()  # from the server
 
 
 def trial_runs(parent_run_id: str, tracking_uri: str) -> list:
@@ -219,6 +222,9 @@ def test_tune_study_on_several_nodes_restarts_the_trials_of_a_lost_node(cluster)
     assert restarted, "no trial was restarted from a checkpoint"
     for run in trials:
         assert set(metric_steps(run.info.run_id, "dev_macro_f1", cluster.tracking_uri)) == set(range(1, epochs + 1))
+    registry = ModelRegistry(cluster.tracking_uri)
+    version = registry.register_model("emotion-tune-multinode", run_id=parent)  # the study's best model, in the server
+    assert (registry.download_model(version.name, version.version)[1] / "config.json").is_file()
     report("tune", lost_node=lost, trials_restarted=len(restarted),
            recovery_s=round(min(m.timestamp for m in restarted.values()) / 1000 - killed_at, 1),
            epochs_redone=sum(reached[run_id] - int(m.value) for run_id, m in restarted.items()))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import secrets
 import tempfile
@@ -13,13 +12,13 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import ray
-import torch
 from tqdm.auto import tqdm
 
 from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import ConfigError, config_to_dict
 from mlplatform.rl.agent import DQNAgent
+from mlplatform.rl.apex.checkpoint import checkpoint_uri, read_checkpoint
 from mlplatform.rl.apex.config import ApexConfig
 from mlplatform.rl.apex.fleet import LOST_WITH_A_NODE, Fleet, actor_id
 from mlplatform.rl.losses import linear_schedule
@@ -43,28 +42,6 @@ class ApexResult(TrainResult):
     resumed_from_update: int | None = None
 
 
-def checkpoint_uri(config: ApexConfig) -> str:
-    """Where the run's latest checkpoint lives: ``<checkpoint_dir>/latest.pt``, a path or storage URI (``--resume`` reads it)."""
-    return storage.join(storage.resolve(config.checkpoint_dir), "latest.pt")
-
-
-def checkpoint_extra(config: ApexConfig) -> dict:
-    """The extra values stored with the latest checkpoint (e.g. its MLflow run id).
-
-    Raises:
-        ConfigError: there is no checkpoint to resume from.
-    """
-    return torch.load(io.BytesIO(_read_checkpoint(config)), map_location="cpu", weights_only=True).get("extra", {})
-
-
-def _read_checkpoint(config: ApexConfig) -> bytes:
-    location = checkpoint_uri(config)
-    try:
-        return storage.read_bytes(location)
-    except FileNotFoundError:
-        raise ConfigError(f"--resume found no checkpoint at {location}") from None
-
-
 class _ApexRun:
     """One run's event loop: every finished actor call is handled as it lands.
 
@@ -82,7 +59,7 @@ class _ApexRun:
         if not isinstance(action_space, gym.spaces.Discrete):
             raise ConfigError(f"DQN needs a discrete action space; {config.env_id} has {action_space}")
         self.latest = checkpoint_uri(config)
-        self.last_checkpoint = _read_checkpoint(config) if resume else None
+        self.last_checkpoint = read_checkpoint(config) if resume else None
         self.config, self.tracker, self.extra = config, tracker, extra
         self.started = time.perf_counter()
 
