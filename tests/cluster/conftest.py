@@ -133,5 +133,7 @@ def three_nodes(tmp_path_factory) -> Iterator[Cluster]:
                 patch.setenv(key, value)
             yield Cluster(state, token, shell_home)
         finally:  # whatever started, even when up() failed half-way
+            started = time.monotonic()
             localcluster.down(home, lambda line: None)
+            print(f"\ncluster down in {time.monotonic() - started:.1f}s")
     assert not ClusterState.load(home)

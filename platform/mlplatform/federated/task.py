@@ -6,7 +6,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -19,11 +19,13 @@ from mlplatform.emotion.data import EmotionCollator, EmotionDataset, EmotionExam
 from mlplatform.emotion.labels import NUM_EMOTIONS
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.tokenizer import load_tokenizer
-from mlplatform.mlops.registry import RegistrySource
 from mlplatform.storage import PortableFolder, local_path
 
+if TYPE_CHECKING:  # MLflow is imported only where a registry version is used
+    from mlplatform.mlops.registry import RegistrySource
+
 Batch = dict[str, torch.Tensor]
-Source = Union[PortableFolder, RegistrySource, str]
+Source = Union[PortableFolder, "RegistrySource", str]
 """Where a tokenizer or model comes from, in a form every node can use: carried files, a registry version, a hub name."""
 
 

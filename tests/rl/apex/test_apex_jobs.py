@@ -10,12 +10,15 @@ import time
 import torch
 from mlflow.tracking import MlflowClient
 
+TOTAL_STEPS = 8000
+
+
 def start_driver(tmp_path, *extra):
     env = {**os.environ, "RAY_ADDRESS": "local", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"}
     return subprocess.Popen(
         [sys.executable, "-m", "mlplatform.cli", "train", "apex", "--no-progress",
-         "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", "--set", "checkpoint_every=500",
-         "--set", "stop_at_return=null", "--set", "eval_every=1000000", "--set", "total_steps=12000", *extra],
+         "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", "--set", "checkpoint_every=250",
+         "--set", "stop_at_return=null", "--set", "eval_every=1000000", "--set", f"total_steps={TOTAL_STEPS}", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -25,7 +28,7 @@ def test_stopped_driver_resumes_with_its_counters(tmp_path):
     first = start_driver(tmp_path)
     deadline = time.monotonic() + 300
     saved = None
-    while saved is None or saved["updates"] < 1000:
+    while saved is None or saved["updates"] < 500:
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.poll() else "timeout"
         time.sleep(0.5)
         if checkpoint.is_file():
@@ -38,9 +41,9 @@ def test_stopped_driver_resumes_with_its_counters(tmp_path):
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output[-3000:]
     resumed = int(re.search(r"resumed from (\d+)", output).group(1))
-    assert resumed == saved["updates"] >= 1000
+    assert resumed == saved["updates"] >= 500
     final = torch.load(checkpoint, weights_only=True)
-    assert final["updates"] > resumed and final["env_steps"] >= 12000
+    assert final["updates"] > resumed and final["env_steps"] >= TOTAL_STEPS
     assert final["extra"]["mlflow_run_id"] == saved["extra"]["mlflow_run_id"]  # the same MLflow run goes on
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
     assert client.get_run(final["extra"]["mlflow_run_id"]).info.status == "FINISHED"
