@@ -195,39 +195,17 @@ def _check_node(state: ClusterState, name: str) -> None:
 
 
 def wait_for_nodes(state: ClusterState, count: int, timeout_s: float) -> None:
-    """Wait until ``count`` nodes are alive in the cluster."""
-    import ray
+    """Wait until ``count`` nodes are alive, as the head's state API reports them."""
+    from ray.util.state import list_nodes
 
     deadline = time.monotonic() + timeout_s
-    with _connected(state):
-        while (alive := sum(node["Alive"] for node in ray.nodes())) < count:
-            for process in state.processes:
-                if process.name.startswith("ray") and not process.alive():
-                    raise ServiceError(f"{process.name} exited; see {process.log}")
-            if time.monotonic() > deadline:
-                raise ServiceError(f"only {alive} of {count} Ray nodes joined in {timeout_s:.0f}s; see {state.home}/logs")
-            time.sleep(1)
-
-
-class _connected:
-    """A short-lived driver connection to the cluster (for checks), closed on exit unless one was open already."""
-
-    def __init__(self, state: ClusterState) -> None:
-        self.address = state.gcs_address
-        self.opened = False
-
-    def __enter__(self) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=self.address, log_to_driver=False, logging_level="ERROR")
-            self.opened = True
-
-    def __exit__(self, *exc: object) -> None:
-        import ray
-
-        if self.opened:
-            ray.shutdown()
+    while (alive := len(list_nodes(address=state.urls["dashboard"], filters=[("state", "=", "ALIVE")]))) < count:
+        for process in state.processes:
+            if process.name.startswith("ray") and not process.alive():
+                raise ServiceError(f"{process.name} exited; see {process.log}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"only {alive} of {count} Ray nodes joined in {timeout_s:.0f}s; see {state.home}/logs")
+        time.sleep(1)
 
 
 def down(home: str | Path, echo: Echo, *, state_class: type[ClusterState] = ClusterState) -> list[str]:
@@ -242,12 +220,14 @@ def down(home: str | Path, echo: Echo, *, state_class: type[ClusterState] = Clus
 
 
 def summary(state: ClusterState) -> list[str]:
-    """What to export in another shell, and where everything is."""
-    exports = " ".join(f"{key}={value}" for key, value in state.client_env().items())
+    """Where everything is, and what to export in another shell (credentials stay in the state file)."""
+    exports = " ".join(f"{key}={value}" for key, value in state.client_env().items() if not key.startswith("AWS_"))
     lines = [f"{name:<11}{url}" for name, url in state.urls.items()]
     lines += [f"nodes      head + {', '.join(state.nodes) or 'no worker nodes'}",
               f"in another shell: export {exports}",
               f"then: {BIN / 'ray'} job submit --working-dir . -- python jobs/train_dqn.py --config jobs/configs/apex_cartpole.yaml"]
+    if "s3" in state.urls:
+        lines.append(f"the S3 server's AWS_* settings, for your own clients: {state.path(state.home)}")
     return lines
 
 

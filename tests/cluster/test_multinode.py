@@ -69,6 +69,10 @@ def cluster_repo_file(relative: str) -> Path:
     return path
 
 
+def checkpoint_updates(checkpoint: str) -> int:
+    return torch_load(storage.read_bytes(checkpoint))["updates"] if storage.exists(checkpoint) else 0
+
+
 def test_apex_job_survives_losing_the_learners_node_and_still_solves(cluster):
     checkpoint = storage.join(storage.resolve("checkpoints/apex-node-loss"), "latest.pt")
     # A 2-CPU learner fits only a worker node (the head has 1 CPU), so the node lost is the learner's;
@@ -77,8 +81,9 @@ def test_apex_job_survives_losing_the_learners_node_and_still_solves(cluster):
         "python", "jobs/train_dqn.py", "--config", "jobs/configs/apex_cartpole.yaml", "--no-progress",
         "--set", "checkpoint_dir=checkpoints/apex-node-loss", "--set", "checkpoint_every=250", "--set", "num_workers=3",
         "--set", "num_shards=3", "--set", "learner_num_cpus=2", "--set", "worker_num_cpus=0", "--set", "total_steps=150000")
-    wait_for(lambda: storage.exists(checkpoint), "the learner's first checkpoint", timeout_s=300)
-    saved_updates = torch_load(storage.read_bytes(checkpoint))["updates"]
+    # the node goes once the learner has learnt something (its checkpoint, every 250 updates, holds 1000 or more)
+    saved_updates = wait_for(lambda: checkpoint_updates(checkpoint) >= 1000 and checkpoint_updates(checkpoint),
+                             "a checkpoint at 1000 updates", timeout_s=300)
     names = {node: name for name, node in cluster.node_ids().items()}
     (learner,) = [a for a in cluster.actors("Learner") if a["state"] == "ALIVE"]
     lost = names[learner["node_id"]]

@@ -48,8 +48,8 @@ class _ApexRun:
     The driver owns the checkpoint: the learner hands its state over as bytes, and the driver writes
     them to ``checkpoint_dir`` and keeps the last ones, so the learner's node keeps nothing that
     matters. When the learner dies (its node lost), a new one continues from those bytes: the
-    updates since are lost and made up, while env steps, the β schedule and the replay on the
-    surviving shards carry on, since they live here and on the shards.
+    updates since are lost (not made up in a burst), while env steps, the β schedule and the
+    replay on the surviving shards carry on, since they live here and on the shards.
     """
 
     def __init__(self, config: ApexConfig, tracker: MetricsSink | None, resume: bool, progress: bool, extra: dict) -> None:
@@ -106,7 +106,9 @@ class _ApexRun:
         self.adding[shard.add.remote(block, priorities)] = (index, actor_id(shard), block, priorities, size)
 
     def owed_updates(self) -> int:
-        return int((self.result.env_steps - self.config.learning_starts) * self.config.updates_per_step) - self.result.updates
+        # updates lost with a learner are not made up in a burst (that would overfit the replay the loss thinned)
+        due = int((self.result.env_steps - self.config.learning_starts) * self.config.updates_per_step)
+        return due - self.result.lost_updates - self.result.updates
 
     def maybe_train(self) -> None:
         ready = min(self.fleet.shard_sizes) >= self.config.batch_size
