@@ -2,6 +2,7 @@
 
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,15 @@ import ray  # noqa: E402  (after the authentication settings above)
 from mlplatform.services import ServiceState, free_port, ray_node_argv, start_ray_head  # noqa: E402
 
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port something listens on for the whole test."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

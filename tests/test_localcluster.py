@@ -1,6 +1,5 @@
 """`mlplatform cluster local` without starting a cluster: what a worker node hides, and the one-line refusals."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,13 +40,9 @@ def test_cluster_commands_without_a_cluster_say_so_in_one_line(tmp_path):
     assert done.returncode == 0 and "nothing of the cluster" in done.stdout
 
 
-def test_cluster_up_refuses_a_taken_port_before_starting_anything(tmp_path):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = run_cli("up", "--set", f"home={tmp_path}", "--set", f"s3_port={port}")
-    assert done.returncode == 1 and f"port {port} (s3_port) is in use" in done.stderr and "Traceback" not in done.stderr
+def test_cluster_up_refuses_a_taken_port_before_starting_anything(tmp_path, taken_port):
+    done = run_cli("up", "--set", f"home={tmp_path}", "--set", f"s3_port={taken_port}")
+    assert done.returncode == 1 and f"port {taken_port} (s3_port) is in use" in done.stderr and "Traceback" not in done.stderr
     assert ClusterState.load(tmp_path) is None
 
 

@@ -1,7 +1,6 @@
 """`mlplatform up`'s plan without starting it: the jobs it submits, the Serve config it deploys, and its refusals."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,14 +65,10 @@ def run_cli(*arguments, cwd=REPO):
     return subprocess.run([str(BIN / "mlplatform"), *arguments], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_up_refuses_a_taken_port_before_starting_anything(tmp_path):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = run_cli("up", "--set", f"home={tmp_path / 'stack'}", "--set", f"dashboard_port={port}")
+def test_up_refuses_a_taken_port_before_starting_anything(tmp_path, taken_port):
+    done = run_cli("up", "--set", f"home={tmp_path / 'stack'}", "--set", f"dashboard_port={taken_port}")
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert f"port {port} (dashboard_port) is in use" in done.stderr
+    assert f"port {taken_port} (dashboard_port) is in use" in done.stderr
     assert StackState.load(tmp_path / "stack") is None
 
 

@@ -236,15 +236,16 @@ def start_prometheus(state: ServiceState, *, port: int, targets: list[str], time
     return state.urls["prometheus"]
 
 
+RAY_NODE_ENV = {"RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+"""Set for every `ray start` of ours: token auth on, and no drain on SIGTERM. Ray drains a node for up
+to 30 s so that Serve can move its replicas elsewhere; our nodes are stopped all together, with
+nowhere left to move to, so the wait would only delay ``down``."""
+
+
 def ray_node_argv(*, num_cpus: int | None, resources: dict[str, float], object_store_bytes: int | None,
                   metrics_port: int | None = None) -> list[str]:
-    """The `ray start` options every node of ours shares: its size, custom resources and ports.
-
-    Several nodes on one machine share its ports, so each gets free ones for its agents (Ray's
-    defaults, such as the dashboard agent's 52365, would clash with the next node or another Ray).
-    """
-    argv = ["--block", "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    """The `ray start` options that make a node of ours what it is: its size, custom resources, metrics port."""
+    argv = ["--block", "--disable-usage-stats"]
     if num_cpus is not None:
         argv.append(f"--num-cpus={num_cpus}")
     if resources:
@@ -254,6 +255,17 @@ def ray_node_argv(*, num_cpus: int | None, resources: dict[str, float], object_s
     if metrics_port is not None:
         argv.append(f"--metrics-export-port={metrics_port}")
     return argv
+
+
+def agent_port_argv() -> list[str]:
+    """Free ports for a node's agents, drawn at each start.
+
+    Several nodes on one machine share its ports: Ray's defaults (the dashboard agent's 52365)
+    would clash with the next node, and ports drawn once could be taken by the time a lost node
+    starts again.
+    """
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}"]
 
 
 def start_ray_head(state: ServiceState, *, port: int, dashboard_port: int, client_port: int, node_argv: list[str],
@@ -266,8 +278,8 @@ def start_ray_head(state: ServiceState, *, port: int, dashboard_port: int, clien
     from ray.job_submission import JobSubmissionClient
 
     argv = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-host={LOOPBACK}",
-            f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", *node_argv]
-    process = state.launch("ray", argv, {**env, "RAY_AUTH_MODE": "token"})
+            f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", *node_argv, *agent_port_argv()]
+    process = state.launch("ray", argv, env | RAY_NODE_ENV)
     dashboard = f"http://{LOOPBACK}:{dashboard_port}"
     state.urls["dashboard"] = dashboard
     state.save()
@@ -320,5 +332,6 @@ def start_ray_worker(state: ServiceState, name: str, *, address: str, node_argv:
                      repository: Path) -> ManagedProcess:
     """A Ray worker node joining ``address`` from its own mount namespace (see :func:`isolated`)."""
     folders, files = hidden_paths(repository)
-    argv = isolated([str(BIN / "ray"), "start", f"--address={address}", *node_argv], folders=folders, files=files)
-    return state.launch(name, argv, {**env, "RAY_AUTH_MODE": "token"})
+    argv = isolated([str(BIN / "ray"), "start", f"--address={address}", *node_argv, *agent_port_argv()], folders=folders,
+                    files=files)
+    return state.launch(name, argv, env | RAY_NODE_ENV)

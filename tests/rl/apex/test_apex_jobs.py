@@ -10,7 +10,7 @@ import time
 import torch
 from mlflow.tracking import MlflowClient
 
-TOTAL_STEPS = 8000
+TOTAL_STEPS = 5000
 
 
 def start_driver(tmp_path, *extra):
@@ -28,7 +28,7 @@ def test_stopped_driver_resumes_with_its_counters(tmp_path):
     first = start_driver(tmp_path)
     deadline = time.monotonic() + 300
     saved = None
-    while saved is None or saved["updates"] < 500:
+    while saved is None or saved["updates"] < 250:
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.poll() else "timeout"
         time.sleep(0.5)
         if checkpoint.is_file():
@@ -41,7 +41,7 @@ def test_stopped_driver_resumes_with_its_counters(tmp_path):
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output[-3000:]
     resumed = int(re.search(r"resumed from (\d+)", output).group(1))
-    assert resumed == saved["updates"] >= 500
+    assert resumed == saved["updates"] >= 250
     final = torch.load(checkpoint, weights_only=True)
     assert final["updates"] > resumed and final["env_steps"] >= TOTAL_STEPS
     assert final["extra"]["mlflow_run_id"] == saved["extra"]["mlflow_run_id"]  # the same MLflow run goes on
