@@ -11,20 +11,32 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def test_a_worker_node_hides_the_drivers_temp_folders_outputs_stores_and_caches(monkeypatch, tmp_path):
+def test_a_worker_node_hides_the_drivers_temp_folders_outputs_stores_and_caches(monkeypatch):
     monkeypatch.setenv("MLPLATFORM_HOME", "/tmp/some-test-home")  # inside /tmp: hidden with it, not mounted twice
     folders, files = hidden_paths(REPO)
     assert Path("/tmp") in folders and Path("/tmp/some-test-home") not in folders
     assert {REPO / "runs", REPO / "checkpoints", REPO / "mlruns"} <= set(folders)
     assert {Path.home() / ".cache", Path.home() / ".ray"} <= set(folders)
     assert files == sorted(REPO.glob("mlruns.db*"))
-    (tmp_path / "mlruns.db").write_bytes(b"")
-    assert hidden_paths(tmp_path)[1] == []  # a store under /tmp is hidden with /tmp
-    argv = isolated(["ray", "start", "--block"], folders=folders, files=[REPO / "mlruns.db"])
-    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"] and argv[-3:] == ["ray", "start", "--block"]
-    script = argv[argv.index("-c") + 1]
-    assert "mount -t tmpfs tmpfs /tmp" in script and f"mount --bind /dev/null {REPO / 'mlruns.db'}" in script
-    assert "export HOME=/tmp/home" in script
+
+
+def test_a_clone_under_tmp_stays_visible_on_a_node_while_its_outputs_and_the_rest_of_tmp_are_hidden(tmp_path):
+    clone = tmp_path / "fresh"
+    (clone / "platform").mkdir(parents=True)
+    (clone / "platform" / "code.py").write_text("code\n")
+    (clone / "runs").mkdir()
+    (clone / "runs" / "written-by-the-driver").write_text("driver")
+    (clone / "mlruns.db").write_text("store")
+    (tmp_path / "elsewhere-in-tmp").write_text("driver")
+    folders, files = hidden_paths(clone)
+    assert Path("/tmp") in folders and clone / "runs" in folders and files == [clone / "mlruns.db"]
+    look = (f"cat {clone}/platform/code.py; ls -A {clone}/runs | wc -l; wc -c < {clone}/mlruns.db; "
+            f"test -e {tmp_path}/elsewhere-in-tmp && echo visible || echo hidden; pwd; echo $HOME")
+    seen = subprocess.run(isolated(["sh", "-c", look], folders=folders, files=files, repository=clone), cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert seen.returncode == 0, seen.stderr
+    assert seen.stdout.split() == ["code", "0", "0", "hidden", str(clone), "/tmp/home"]
+    assert (clone / "runs" / "written-by-the-driver").read_text() == "driver"  # the driver's own view is untouched
 
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:

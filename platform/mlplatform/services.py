@@ -298,28 +298,42 @@ def hidden_paths(repository: Path) -> tuple[list[Path], list[Path]]:
 
     The driver's temporary folders (all of ``/tmp``), the repository's run outputs, checkpoints and
     local MLflow stores, and the user's caches and Ray folder. The repository's code and the virtual
-    environment stay visible, as a cluster image would have them installed.
+    environment stay visible, as a cluster image would have them installed (see :func:`isolated`).
     """
     home = Path.home()
     folders = [Path("/tmp"), *(repository / name for name in ("runs", "checkpoints", "mlruns")),
                home / ".cache", home / ".ray"]
     if os.environ.get("MLPLATFORM_HOME"):
         folders.append(Path(os.environ["MLPLATFORM_HOME"]).resolve())
-    # a folder inside another hidden one is hidden already (and could not be a mount point on the empty tmpfs)
-    outermost = [f for f in folders if not any(other != f and f.is_relative_to(other) for other in folders)]
-    files = [f for f in sorted(repository.glob("mlruns.db*")) if not any(f.is_relative_to(folder) for folder in outermost)]
+    # a folder inside another hidden one is hidden already (and could not be a mount point on the empty tmpfs);
+    # the repository is shown again inside a hidden folder, so what is hidden within it counts on its own
+    inside = lambda path: path.is_relative_to(repository)  # noqa: E731
+    outermost = [f for f in folders if not any(other != f and f.is_relative_to(other) and inside(f) == inside(other)
+                                               for other in folders)]
+    files = [f for f in sorted(repository.glob("mlruns.db*")) if not any(f.is_relative_to(folder) for folder in outermost
+                                                                         if inside(folder))]
     return list(dict.fromkeys(outermost)), files
 
 
-def isolated(argv: list[str], *, folders: list[Path], files: list[Path]) -> list[str]:
+def isolated(argv: list[str], *, folders: list[Path], files: list[Path], repository: Path) -> list[str]:
     """``argv`` run in a mount namespace of its own, with an empty tmpfs over each folder and each file emptied.
 
-    The node gets its own HOME on its own ``/tmp``. Mounts made inside the namespace are private to
-    it: the rest of the machine never sees them, and they vanish with the node's last process.
+    The repository (the code and its virtual environment) stays visible even when it lies inside a
+    hidden folder, as a fresh clone under ``/tmp`` does: the shell keeps it open as its working
+    folder while the tmpfs covers it, then binds it back at its own path. The node gets its own
+    HOME on its own ``/tmp``. Mounts made inside the namespace are private to it: the rest of the
+    machine never sees them, and they vanish with the node's last process.
     """
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)  # a mount point must exist
-    mounts = [f"mount -t tmpfs tmpfs {shlex.quote(str(folder))}" for folder in folders]
+    covering = [f for f in folders if not f.is_relative_to(repository)]
+    within = [f for f in folders if f.is_relative_to(repository)]
+    quoted = shlex.quote(str(repository))
+    mounts = [f"cd {quoted}", *(f"mount -t tmpfs tmpfs {shlex.quote(str(folder))}" for folder in covering)]
+    if any(repository.is_relative_to(folder) for folder in covering):
+        # "." as given, the folder the shell still holds: made canonical, it would name the empty tmpfs over it
+        mounts += [f"mkdir -p {quoted}", f"mount --no-canonicalize --bind . {quoted}", f"cd {quoted}"]
+    mounts += [f"mount -t tmpfs tmpfs {shlex.quote(str(folder))}" for folder in within]
     mounts += [f"mount --bind /dev/null {shlex.quote(str(file))}" for file in files]
     script = "set -e; " + "; ".join(mounts) + '; mkdir -p /tmp/home; export HOME=/tmp/home; exec "$@"'
     unshare = ["unshare", "--mount", "--propagation", "private"]
@@ -332,6 +346,10 @@ def start_ray_worker(state: ServiceState, name: str, *, address: str, node_argv:
                      repository: Path) -> ManagedProcess:
     """A Ray worker node joining ``address`` from its own mount namespace (see :func:`isolated`)."""
     folders, files = hidden_paths(repository)
+    for folder in folders:
+        if BIN.is_relative_to(folder) and not BIN.is_relative_to(repository):
+            raise ServiceError(f"the Python environment {BIN.parent} lies in {folder}, which a worker node hides; "
+                               f"install it inside the repository (as `make` does) or outside {folder}")
     argv = isolated([str(BIN / "ray"), "start", f"--address={address}", *node_argv, *agent_port_argv()], folders=folders,
-                    files=files)
+                    files=files, repository=repository)
     return state.launch(name, argv, env | RAY_NODE_ENV)
