@@ -116,6 +116,8 @@ def test_wrime_columns_map_by_name_for_readers_and_writer():
         ('{"text": "a", "writer": "w1", "split": "train", "intensity": {"happiness": 2}}', r"unknown emotion 'happiness'"),
         ('{"text": "a", "writer": "w1", "split": "train", "intensity": {"joy": 5}}', r"intensities must be numbers from 0 to 3"),
         ('{"text": "a", "writer": "w1", "split": "val", "intensity": {"joy": 1}}', r"split must be one of train, dev, test"),
+        ('{"text": "a", "writer": "w1", "split": "train", "intensity": {"joy": 0}}', r"bad\.jsonl:2: no emotion above 0"),
+        ('{"text": " よ し ", "writer": "w2", "split": "test", "intensity": {"joy": 1}}', r"bad\.jsonl:2: the same text as .*bad\.jsonl:1"),
     ],
 )
 def test_bad_records_name_the_file_and_line(tmp_path, line, message):
@@ -146,3 +148,16 @@ def test_preflight_says_what_to_install_when_unidic_lite_is_missing():
     assert result.returncode != 0
     assert "pip install fugashi unidic-lite" in result.stderr
     assert "full `unidic` package is not needed" in result.stderr
+
+
+def test_a_test_sentence_reworded_from_a_training_one_is_refused_while_rewordings_within_a_split_are_kept(tmp_path):
+    train = "駅前に新しくできたパン屋さん、クロワッサンが本当に美味しかった"
+    reworded = "駅前に新しくできたパン屋さん、クロワッサンが本当に美味しかったよ！"
+    other = "雨の日の通勤電車、傘の水が足にかかって朝から最悪"
+    line = '{{"text": "{}", "writer": "w1", "split": "{}", "intensity": {{"joy": 2}}}}'
+    (tmp_path / "a.jsonl").write_text(line.format(train, "train") + "\n" + line.format(other, "train") + "\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(line.format(reworded, "train") + "\n", encoding="utf-8")
+    assert len(load_corpus(tmp_path)) == 3  # the same split: a rewording is more data, not a leak
+    (tmp_path / "b.jsonl").write_text(line.format(reworded, "test") + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"b\.jsonl:1: nearly the same text as .*a\.jsonl:1 \(5-gram Jaccard 0\.\d+\) in split train"):
+        load_corpus(tmp_path)

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import logging
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,8 @@ from mlplatform.emotion.labels import EMOTIONS, MAX_INTENSITY, NUM_EMOTIONS, Tar
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
+NEAR_DUPLICATE_JACCARD = 0.5
+"""Character 5-gram Jaccard similarity from which two texts of different splits count as one sentence reworded."""
 
 
 class DataError(ValueError):
@@ -51,18 +54,54 @@ def load_corpus(path: str | Path | None = None) -> list[EmotionExample]:
     Each line: ``{"text": ..., "writer": ..., "split": "train|dev|test", "intensity": {emotion: 0-3}}``.
 
     Raises:
-        DataError: a line is not JSON, misses a field, names an unknown emotion or split, or has
-            an intensity outside 0-3; the message gives the file and line number.
+        DataError: a line is not JSON, misses a field, names an unknown emotion or split, has an
+            intensity outside 0-3 or no emotion at all, or repeats a text (see :func:`check_no_repeats`);
+            the message gives the file and line number.
         FileNotFoundError: the path does not exist.
     """
     path = Path(path) if path is not None else bundled_corpus_dir()
     if not path.exists():
         raise FileNotFoundError(f"no corpus at {str(path)!r}")
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    return [example for file in files for example in _read_jsonl(file)]
+    located = [pair for file in files for pair in _read_jsonl(file)]
+    check_no_repeats(located)
+    return [example for _, example in located]
 
 
-def _read_jsonl(file: Path) -> Iterable[EmotionExample]:
+def check_no_repeats(located: Sequence[tuple[str, EmotionExample]]) -> None:
+    """Refuse a text seen twice, and a text of one split nearly the same as one of another.
+
+    Either would score a model on sentences it trained on. ``located`` pairs each example with
+    where it was read ("file:line"). Near means a character 5-gram Jaccard similarity of at least
+    :data:`NEAR_DUPLICATE_JACCARD` (spaces ignored); within one split, rewordings are allowed.
+
+    Raises:
+        DataError: naming both places.
+    """
+    first_seen: dict[str, str] = {}
+    holders: defaultdict[str, list[int]] = defaultdict(list)  # 5-gram -> positions of the texts holding it
+    grams_of: list[set[str]] = []
+    for position, (where, example) in enumerate(located):
+        key = "".join(example.text.split())
+        if key in first_seen:
+            raise DataError(f"{where}: the same text as {first_seen[key]}")
+        first_seen[key] = where
+        grams = {key[i:i + 5] for i in range(max(1, len(key) - 4))}
+        shared = Counter(other for gram in grams for other in holders[gram])
+        for other, count in shared.items():
+            # |A & B| / |A | B| >= t needs |A & B| >= t |A|: the rest cannot reach the threshold
+            if count < NEAR_DUPLICATE_JACCARD * len(grams) or located[other][1].split == example.split:
+                continue
+            similarity = count / len(grams | grams_of[other])
+            if similarity >= NEAR_DUPLICATE_JACCARD:
+                raise DataError(f"{where}: nearly the same text as {located[other][0]} (5-gram Jaccard {similarity:.2f}) "
+                                f"in split {located[other][1].split}, while this one is in {example.split}")
+        grams_of.append(grams)
+        for gram in grams:
+            holders[gram].append(position)
+
+
+def _read_jsonl(file: Path) -> Iterable[tuple[str, EmotionExample]]:
     with file.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -74,7 +113,11 @@ def _read_jsonl(file: Path) -> Iterable[EmotionExample]:
                 unknown = set(intensity) - set(EMOTIONS)
                 if unknown:
                     raise DataError(f"{where}: unknown emotion {sorted(unknown)[0]!r}; expected {', '.join(EMOTIONS)}")
-                yield _example(record["text"], str(record["writer"]), record["split"], [intensity.get(e, 0) for e in EMOTIONS], where)
+                example = _example(record["text"], str(record["writer"]), record["split"],
+                                   [intensity.get(e, 0) for e in EMOTIONS], where)
+                if max(example.intensity) == 0:
+                    raise DataError(f"{where}: no emotion above 0; a labelled line needs at least one")
+                yield where, example
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
             except KeyError as e:
