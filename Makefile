@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cartpole.py
 	$(BIN)/python bench/apex.py
 	$(BIN)/python bench/emotion.py
+	$(BIN)/python bench/emotion_quality.py
 	$(BIN)/python bench/federated.py
 	$(BIN)/python bench/serve.py
 

@@ -35,31 +35,35 @@ def scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
 
 
 def ngram_baseline(examples: Sequence[EmotionExample], seed: int) -> dict[str, float]:
-    """Character 1-4-gram TF-IDF and logistic regression, fitted on train, its C chosen on dev, scored on test."""
-    (train_x, train_y), (dev_x, dev_y), (test_x, test_y) = (split(examples, s) for s in ("train", "dev", "test"))
+    """Character 1-4-gram TF-IDF and logistic regression, fitted on train, its C chosen on dev, scored on test (and unseen)."""
+    (train_x, train_y), (dev_x, dev_y), (test_x, test_y), (unseen_x, unseen_y) = (
+        split(examples, s) for s in ("train", "dev", "test", "unseen"))
     vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 4), sublinear_tf=True)
     train_features = vectorizer.fit_transform(train_x)
     fitted = [LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(train_features, train_y) for c in NGRAM_C_GRID]
     dev_f1 = [scores(dev_y, model.predict(vectorizer.transform(dev_x)))["macro_f1"] for model in fitted]
     best = fitted[int(np.argmax(dev_f1))]
-    return scores(test_y, best.predict(vectorizer.transform(test_x))) | {"C": best.C}
+    unseen = {f"unseen_{k}": v for k, v in scores(unseen_y, best.predict(vectorizer.transform(unseen_x))).items()} if unseen_x else {}
+    return scores(test_y, best.predict(vectorizer.transform(test_x))) | unseen | {"C": best.C}
 
 
 def default_model(corpus: str | None, seed: int, epochs: int | None) -> dict[str, float]:
     """What `mlplatform train emotion` trains by default (Ray Train, one worker), scored on test at its best dev epoch."""
-    from mlplatform.emotion.trainer import fit_emotion_model
+    from mlplatform.emotion.trainer import fit_emotion_model, score_checkpoint
 
-    settings = {"seed": seed, "corpus": corpus} | ({"epochs": epochs} if epochs else {})
+    config = EmotionConfig(**{"seed": seed, "corpus": corpus} | ({"epochs": epochs} if epochs else {}))
     with tempfile.TemporaryDirectory() as output, stdout_to_stderr():
-        result = fit_emotion_model(EmotionConfig(**settings), None, output_dir=output)
+        result = fit_emotion_model(config, None, output_dir=output)
+        unseen = score_checkpoint(result.checkpoint, config, split="unseen")
     return {"macro_f1": result.test_metrics["macro_f1"], "accuracy": result.test_metrics["accuracy"],
+            **{f"unseen_{k}": unseen[k] for k in ("macro_f1", "accuracy") if k in unseen},
             "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1)}
 
 
 def summary(runs: list[dict[str, float]]) -> dict[str, object]:
-    return {"macro_f1_mean": round(statistics.mean(r["macro_f1"] for r in runs), 4),
-            "accuracy_mean": round(statistics.mean(r["accuracy"] for r in runs), 4),
-            "per_seed": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in runs]}
+    means = {f"{key}_mean": round(statistics.mean(r[key] for r in runs), 4)
+             for key in ("macro_f1", "accuracy", "unseen_macro_f1", "unseen_accuracy") if key in runs[0]}
+    return means | {"per_seed": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in runs]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,12 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({
         "bench": "emotion_quality",
         "corpus": args.corpus or "bundled",
-        "examples": {s: sum(e.split == s for e in examples) for s in ("train", "dev", "test")},
+        "examples": {s: sum(e.split == s for e in examples) for s in ("train", "dev", "test", "unseen")},
         "seeds": args.seeds,
         "ours": ours_summary,
         "ngram_tfidf_logreg": ngram_summary | {"seconds": round(ngram_seconds, 1)},
         "delta_macro_f1": round(ours_summary["macro_f1_mean"] - ngram_summary["macro_f1_mean"], 4),
         "ratio_macro_f1": round(ours_summary["macro_f1_mean"] / ngram_summary["macro_f1_mean"], 3),
+        **({"delta_unseen_macro_f1": round(ours_summary["unseen_macro_f1_mean"] - ngram_summary["unseen_macro_f1_mean"], 4)}
+           if "unseen_macro_f1_mean" in ours_summary else {}),
     }))
 
 

@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from mlplatform.emotion.labels import EMOTIONS, MAX_INTENSITY, NUM_EMOTIONS, Target
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "dev", "test")
+SPLITS = ("train", "dev", "test", "unseen")
+"""``unseen``: every sentence of writers held out of the other splits, to score a model on people it never read."""
 NEAR_DUPLICATE_JACCARD = 0.5
 """Character 5-gram Jaccard similarity from which two texts of different splits count as one sentence reworded."""
 
@@ -51,7 +52,7 @@ def bundled_corpus_dir() -> Path:
 def load_corpus(path: str | Path | None = None) -> list[EmotionExample]:
     """Read labelled JSONL (the bundled corpus by default): a file or every ``*.jsonl`` in a folder.
 
-    Each line: ``{"text": ..., "writer": ..., "split": "train|dev|test", "intensity": {emotion: 0-3}}``.
+    Each line: ``{"text": ..., "writer": ..., "split": "train|dev|test|unseen", "intensity": {emotion: 0-3}}``.
 
     Raises:
         DataError: a line is not JSON, misses a field, names an unknown emotion or split, has an
