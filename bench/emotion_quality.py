@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ngram = [ngram_baseline(examples, seed) for seed in args.seeds]
     ngram_seconds = time.perf_counter() - started
     with stdout_to_stderr():
-        ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # never a cluster found in /tmp/ray
     try:
         ours = [default_model(args.corpus, seed, args.epochs) for seed in args.seeds]
     finally:
