@@ -20,7 +20,7 @@ from mlplatform.stack import StackConfig, StackState
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 QUICK = {  # the default pipeline, cut to a couple of minutes; the services, ports and models are the defaults
-    "apex": {"total_steps": 3000, "learning_starts": 500, "eval_every": 1500, "stop_at_return": None},
+    "apex": {"total_steps": 2000, "learning_starts": 500, "eval_every": 1500, "stop_at_return": None},
     "tune": {"epochs": 2}, "tune_samples": 2, "tune_grace_period": 1,
     "federated": {"rounds": 2},
 }

@@ -132,7 +132,7 @@ def metric_steps(run_id: str, key: str, tracking_uri: str) -> list[int]:
 
 
 def test_ray_train_on_two_nodes_resumes_after_losing_one_and_keeps_one_run(cluster):
-    epochs = 8
+    epochs = 6
     submission = cluster.submit("python", "jobs/train_emotion.py", "--set", "num_workers=2", "--set", "placement_strategy=SPREAD",
                                 "--set", f"epochs={epochs}", "--set", f"patience={epochs}", *TINY_EMOTION)
     run_id = wait_for(lambda: (job_runs(submission, cluster.tracking_uri) or [None])[0], "the training's MLflow run")

@@ -10,7 +10,7 @@ import time
 import torch
 from mlflow.tracking import MlflowClient
 
-TOTAL_STEPS = 5000
+TOTAL_STEPS = 4000
 
 
 def start_driver(tmp_path, *extra):
