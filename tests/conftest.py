@@ -16,7 +16,8 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 
 import ray  # noqa: E402  (after the authentication settings above)
 
-from mlplatform.services import ServiceState, free_port, ray_node_argv, start_ray_head  # noqa: E402
+from mlplatform.raynodes import ray_node_argv, start_ray_head  # noqa: E402
+from mlplatform.services import ServiceState, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from mlplatform.localcluster import ClusterConfig, ClusterState
-from mlplatform.services import hidden_paths, isolated
+from mlplatform.raynodes import hidden_paths, isolated
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

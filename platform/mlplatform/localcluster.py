@@ -22,9 +22,9 @@ import pydantic
 from pydantic.dataclasses import dataclass
 
 from mlplatform.config import RUN_CONFIG
+from mlplatform.raynodes import ray_node_argv, start_ray_head, start_ray_worker
 from mlplatform.services import (
-    BIN, LOOPBACK, ServiceError, ServiceState, check_ports_free, free_port, ray_node_argv, start_mlflow_server,
-    start_prometheus, start_ray_head, start_ray_worker, start_s3,
+    BIN, LOOPBACK, ServiceError, ServiceState, check_ports_free, free_port, start_mlflow_server, start_prometheus, start_s3,
 )
 from mlplatform.storage import STORAGE_ENV
 
