@@ -70,30 +70,13 @@ def cluster_repo_file(relative: str) -> Path:
 
 
 def checkpoint_updates(checkpoint: str) -> int:
-    return torch_load(storage.read_bytes(checkpoint))["updates"] if storage.exists(checkpoint) else 0
-
-
-def kill_the_learners_node(cluster) -> tuple[str, dict, dict, float]:
-    """Kill the node the learner runs on once the learner is seen dead with it; returns (node, learner, on it, when).
-
-    The state API has once named a node the learner was not on (it went on training): then that
-    node is started again and the learner's node, asked anew, goes instead.
-    """
-    for _ in range(2):
-        names = {node: name for name, node in cluster.node_ids().items()}
-        alive = {kind: [a for a in cluster.actors(kind) if a["state"] == "ALIVE"] for kind in ("RolloutWorker", "ReplayShard")}
-        (learner,) = [a for a in cluster.actors("Learner") if a["state"] == "ALIVE"]  # asked last: the node goes right after
-        lost = names[learner["node_id"]]
-        assert lost != "head"
-        killed_at = cluster.kill(lost)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if [a["state"] for a in cluster.actors("Learner") if a["actor_id"] == learner["actor_id"]] != ["ALIVE"]:
-                on_lost = {kind: sum(names.get(a["node_id"]) == lost for a in actors) for kind, actors in alive.items()}
-                return lost, learner, on_lost, killed_at
-            time.sleep(1)
-        cluster.heal()
-    raise AssertionError(f"the learner outlived the node the state API put it on ({lost}, nodes {names})")
+    """The updates of the checkpoint stored so far (0 while there is none, or while it is being replaced)."""
+    if not storage.exists(checkpoint):
+        return 0
+    try:
+        return torch_load(storage.read_bytes(checkpoint))["updates"]
+    except RuntimeError:  # the bytes of an older version and a newer one, read while the driver replaced it
+        return 0
 
 
 def test_apex_job_survives_losing_the_learners_node_and_still_solves(cluster):
@@ -107,14 +90,20 @@ def test_apex_job_survives_losing_the_learners_node_and_still_solves(cluster):
     # the node goes once the learner has learnt something (its checkpoint, every 250 updates, holds 1000 or more)
     saved_updates = wait_for(lambda: checkpoint_updates(checkpoint) >= 1000 and checkpoint_updates(checkpoint),
                              "a checkpoint at 1000 updates", timeout_s=300)
-    lost, learner, on_lost, killed_at = kill_the_learners_node(cluster)
+    names = {node: name for name, node in cluster.node_ids().items()}
+    alive = {kind: [a for a in cluster.actors(kind) if a["state"] == "ALIVE"] for kind in ("RolloutWorker", "ReplayShard")}
+    (learner,) = [a for a in cluster.actors("Learner") if a["state"] == "ALIVE"]  # asked last: the node goes right after
+    lost = names[learner["node_id"]]
+    assert lost != "head"
+    on_lost = {kind: sum(names.get(a["node_id"]) == lost for a in actors) for kind, actors in alive.items()}
+    killed_at = cluster.kill(lost)
     status = cluster.wait_job(submission, timeout_s=600)
     assert status == "SUCCEEDED", cluster.jobs().get_job_logs(submission)[-3000:]
     (run_id,) = job_runs(submission, cluster.tracking_uri)
     metrics = MlflowClient(cluster.tracking_uri).get_run(run_id).data.metrics
     assert metrics["eval/mean_return"] >= 475
     assert metrics["faults/learner_restarts"] >= 1, (
-        f"the learner was seen dead with {lost} ({learner['node_id']}), which was killed "
+        f"the learner was reported on {lost} ({learner['node_id']}, nodes {names}), which was killed "
         f"{time.time() - killed_at:.0f}s before the end, on it {on_lost}:\n" + cluster.jobs().get_job_logs(submission)[-2000:])
     assert metrics["faults/workers_replaced"] >= on_lost["RolloutWorker"] and metrics["faults/shards_replaced"] >= on_lost["ReplayShard"]
     final = torch_load(storage.read_bytes(checkpoint))
