@@ -88,7 +88,7 @@ def test_apex_job_survives_losing_the_learners_node_and_still_solves(cluster):
         "--set", "checkpoint_dir=checkpoints/apex-node-loss", "--set", "checkpoint_every=250", "--set", "num_workers=2",
         "--set", "num_shards=2", "--set", "learner_num_cpus=2", "--set", "worker_num_cpus=0", "--set", "total_steps=150000")
     # the node goes once the learner has learnt something (its checkpoint, every 250 updates, holds 1000 or more)
-    saved_updates = wait_for(lambda: checkpoint_updates(checkpoint) >= 1000 and checkpoint_updates(checkpoint),
+    saved_updates = wait_for(lambda: (updates := checkpoint_updates(checkpoint)) >= 1000 and updates,
                              "a checkpoint at 1000 updates", timeout_s=300)
     names = {node: name for name, node in cluster.node_ids().items()}
     alive = {kind: [a for a in cluster.actors(kind) if a["state"] == "ALIVE"] for kind in ("RolloutWorker", "ReplayShard")}
