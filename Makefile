@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PIP := $(BIN)/python -m pip install --constraint constraints.txt
+# uv installs the rest three times faster than pip; torch goes first through pip, which finds a local wheel where
+# the machine has one (uv would not look there), and uv then keeps the torch it finds.
+UV_PIP := $(BIN)/uv pip install --python $(BIN)/python --constraint constraints.txt
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends
@@ -12,8 +15,9 @@ APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-in
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) -e ".[dev]"
+	$(PIP) --upgrade pip uv
+	$(PIP) torch
+	$(UV_PIP) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,7 +39,7 @@ down: $(STAMP)
 	$(BIN)/mlplatform down
 
 bench: $(STAMP)
-	$(PIP) -e ".[dev,bench]"
+	$(UV_PIP) -e ".[dev,bench]"
 	$(BIN)/python bench/per.py
 	$(BIN)/python bench/cartpole.py
 	$(BIN)/python bench/apex.py
