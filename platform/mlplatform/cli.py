@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -155,12 +156,18 @@ def train_apex_command(
 EmotionOutputOption = Annotated[Path, typer.Option(help="Folder for Ray's results and the best model.")]
 
 
+def quiet_unless(progress: bool, config: Any) -> Any:
+    """The emotion config, its progress lines switched off by ``--no-progress``."""
+    return config if progress else dataclasses.replace(config, progress_interval_s=0.0)
+
+
 @train_app.command("emotion")
 def train_emotion_command(
     config: ConfigOption = None,
     set_: SetOption = None,
     output_dir: EmotionOutputOption = Path("runs/emotion"),
     track: TrackOption = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Fine-tune the Japanese emotion classifier under Ray Train (bundled corpus and small BERT by default)."""
     from mlplatform.emotion.tokenizer import TokenizerSetupError
@@ -169,7 +176,7 @@ def train_emotion_command(
 
     from mlplatform.storage import StorageError
 
-    run_config = load_run_config(EmotionConfig, config, set_)
+    run_config = quiet_unless(progress, load_run_config(EmotionConfig, config, set_))
     result, tracker = run_tracked(
         lambda tracker: fit_emotion_model(run_config, tracker, output_dir=output_dir),
         track=track, experiment_name=run_config.experiment_name, run_name=f"emotion__{run_config.target}__{int(time.time())}",
@@ -229,6 +236,7 @@ def tune_emotion_command(
     output_dir: EmotionOutputOption = Path("runs/emotion-tune"),
     resume: Annotated[bool, typer.Option(help="Continue the newest study in --output-dir (its driver died or was stopped).")] = False,
     track: TrackOption = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Search learning rate, batch size, warmup and dropout with Ray Tune and ASHA."""
     from mlplatform.emotion.tokenizer import TokenizerSetupError
@@ -236,7 +244,7 @@ def tune_emotion_command(
     from mlplatform.emotion.tune import latest_study, tune_emotion
     from mlplatform.storage import StorageError
 
-    run_config = load_run_config(EmotionConfig, config, set_)
+    run_config = quiet_unless(progress, load_run_config(EmotionConfig, config, set_))
     try:
         previous = latest_study(output_dir) if resume else {}
     except (ConfigError, StorageError) as e:

@@ -166,6 +166,7 @@ def test_ray_train_on_two_nodes_resumes_after_losing_one_and_keeps_one_run(clust
     assert steps[:epochs_done] == list(range(1, epochs_done + 1))  # rank 0 alone logged, once an epoch, until the loss
     assert set(steps) == set(range(1, epochs + 1))
     assert "test_macro_f1" in client.get_run(run_id).data.metrics
+    assert {Path(a.path).name for a in client.list_artifacts(run_id, "plots")} == {"learning_curves.png", "confusion_matrix_test.png"}
     registry = ModelRegistry(cluster.tracking_uri)
     version = registry.register_model("emotion-multinode", run_id=run_id)
     _, folder = registry.download_model(version.name, version.version)  # the best model, from the server

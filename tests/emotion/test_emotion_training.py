@@ -1,6 +1,7 @@
 """Emotion training: the warmup schedule per batch, resuming from a checkpoint, a Tune study with ASHA (Ray Train on two nodes: tests/cluster)."""
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,23 @@ def test_the_loop_steps_the_schedule_once_per_batch():
     after_first_epoch = 1e-3 * (total - batches_per_epoch) / (total - warmup)
     assert reports[0]["learning_rate"] == pytest.approx(after_first_epoch)
     assert reports[1]["learning_rate"] == pytest.approx(0.0)
+
+
+def test_rank_zero_prints_progress_within_and_at_the_end_of_each_epoch(capsys):
+    config = EmotionConfig(**TINY, epochs=2, progress_interval_s=1e-9)  # every batch is past the interval
+    inputs = prepare_inputs(config)
+    train_emotion_model(config_to_dict(config), inputs=inputs, report=lambda metrics, checkpoint_dir: None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" · ")[:2] for line in lines] == [  # 2 batches per epoch: one line mid-epoch, one closing it
+        ["epoch 1/2", "batch 1/2"], ["epoch 1/2", "batch 2/2"], ["epoch 2/2", "batch 1/2"], ["epoch 2/2", "batch 2/2"]]
+    assert " · dev macro-F1 - · " in lines[0]  # no dev score before the first epoch ends
+    assert all(re.fullmatch(r"epoch \d/2 · batch \d/2 · loss \d+\.\d{4} · dev macro-F1 [01]\.\d{3} · \d+ samples/s", line)
+               for line in lines[1:])
+    for quiet in ({"progress_interval_s": 0.0}, {"world_rank": 1}):  # switched off, and on every rank but 0
+        settings = config_to_dict(config) | {k: v for k, v in quiet.items() if k != "world_rank"}
+        train_emotion_model(settings, inputs=inputs, report=lambda metrics, checkpoint_dir: None,
+                            world_rank=quiet.get("world_rank", 0))
+        assert "epoch " not in capsys.readouterr().out
 
 
 def test_a_run_resumed_from_a_checkpoint_ends_as_the_unbroken_run(tmp_path):
@@ -95,3 +113,8 @@ def test_tune_with_asha_stops_some_trials_and_returns_the_best(local_ray, tmp_pa
     runs = client.search_runs([client.get_experiment_by_name("emotion-study").experiment_id])
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
     assert len(nested) == 4 and len({r.data.tags["ray.trial_id"] for r in nested}) == 4
+    # the study's run shows the best trial's learning curves and the champion's test confusion matrix
+    plots = {Path(a.path).name: a for a in client.list_artifacts(parent.run_id, "plots")}
+    assert set(plots) == {"learning_curves.png", "confusion_matrix_test.png"}
+    for name in plots:
+        assert Path(client.download_artifacts(parent.run_id, f"plots/{name}", str(tmp_path))).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

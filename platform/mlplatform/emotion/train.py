@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tempfile
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from mlplatform.config import RUN_CONFIG
 from mlplatform.emotion.data import EmotionCollator, EmotionDataset, EmotionExample, load_corpus, load_wrime_tsv
 from mlplatform.emotion.labels import Target
 from mlplatform.emotion.model import EmotionClassifier
+from mlplatform.emotion.progress import ProgressLine
 from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
 from mlplatform.storage import PortableFolder
 
@@ -85,6 +87,8 @@ class EmotionConfig:
     """Restarts after a lost worker or node; each resumes from the latest checkpoint (optimizer, schedule and epoch included)."""
     experiment_name: str = "emotion"
     """MLflow experiment the run is logged under."""
+    progress_interval_s: float = pydantic.Field(10.0, ge=0.0)
+    """Seconds between rank 0's progress lines within an epoch (one also ends each epoch); 0 prints none."""
 
     @pydantic.model_validator(mode="after")
     def _heads_divide_width(self) -> EmotionConfig:
@@ -148,8 +152,10 @@ def make_optimizer(
     return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_batches)
 
 
-def evaluate(model: EmotionClassifier, loader: torch.utils.data.DataLoader, device: torch.device) -> dict[str, float]:
-    """Accuracy and macro-F1 of the dominant emotion (plus MAE for intensity) over a loader."""
+def collect_outputs(
+    model: EmotionClassifier, loader: torch.utils.data.DataLoader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The model's scores (see :meth:`EmotionClassifier.scores`), the labels and the mean loss over a loader."""
     model.eval()
     scores, labels, losses = [], [], []
     with torch.no_grad():
@@ -160,8 +166,14 @@ def evaluate(model: EmotionClassifier, loader: torch.utils.data.DataLoader, devi
             scores.append(model.scores(output.logits.float()).cpu().numpy())
             labels.append(batch["labels"].cpu().numpy())
     model.train()
-    predicted, truth = np.concatenate(scores), np.concatenate(labels)
-    metrics = {"loss": float(np.sum(losses) / len(truth))}
+    truth = np.concatenate(labels)
+    return np.concatenate(scores), truth, float(np.sum(losses) / len(truth))
+
+
+def evaluate(model: EmotionClassifier, loader: torch.utils.data.DataLoader, device: torch.device) -> dict[str, float]:
+    """Accuracy and macro-F1 of the dominant emotion (plus MAE for intensity) over a loader."""
+    predicted, truth, loss = collect_outputs(model, loader, device)
+    metrics = {"loss": loss}
     if model.target == "multi":
         present = predicted >= 0.5
         metrics |= {"accuracy": float((present == truth.astype(bool)).all(axis=1).mean()),
@@ -184,12 +196,16 @@ def train_one_epoch(
     *,
     max_grad_norm: float,
     bf16: bool,
+    on_batch: Callable[[int, float, int], None] | None = None,
 ) -> float:
-    """One pass over ``loader``: clipped AdamW steps, the schedule stepped per batch; returns the mean loss."""
+    """One pass over ``loader``: clipped AdamW steps, the schedule stepped per batch; returns the mean loss.
+
+    ``on_batch`` is called after each step with the batch number (from 1), its loss and its size.
+    """
     device = next(model.parameters()).device
     model.train()  # a model loaded with from_pretrained (a resumed run) comes in eval mode, dropout off
     running, seen = 0.0, 0
-    for batch in loader:
+    for number, batch in enumerate(loader, start=1):
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss
@@ -198,8 +214,11 @@ def train_one_epoch(
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         scheduler.step()
-        running += loss.item() * len(batch["labels"])
-        seen += len(batch["labels"])
+        batch_loss, batch_size = loss.item(), len(batch["labels"])
+        running += batch_loss * batch_size
+        seen += batch_size
+        if on_batch is not None:
+            on_batch(number, batch_loss, batch_size)
     return running / max(seen, 1)
 
 
@@ -273,6 +292,8 @@ def train_emotion_model(
     bf16 = settings.mixed_precision == "bf16" or (
         settings.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
+    progress = ProgressLine(epochs=settings.epochs, batches=len(train_loader),
+                            interval_s=settings.progress_interval_s if world_rank == 0 else 0.0)
     first_epoch, best, stale_epochs = 0, -1.0, 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
@@ -286,8 +307,10 @@ def train_emotion_model(
             break
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, max_grad_norm=settings.max_grad_norm, bf16=bf16)
+        train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, max_grad_norm=settings.max_grad_norm, bf16=bf16,
+                                     on_batch=functools.partial(progress.batch_done, epoch + 1))
         dev = evaluate(classifier, dev_loader, device)
+        progress.epoch_done(epoch + 1, dev["macro_f1"])
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "learning_rate": scheduler.get_last_lr()[0],
                    **{f"dev_{k}": v for k, v in dev.items()}}
         improved = dev["macro_f1"] > best

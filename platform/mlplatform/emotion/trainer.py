@@ -14,11 +14,14 @@ from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import config_to_dict
 from mlplatform.emotion.data import EmotionCollator, EmotionDataset
+from mlplatform.emotion.labels import EMOTIONS
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.tokenizer import load_tokenizer
 from mlplatform.emotion.train import (
-    TRAINER_STATE, EmotionConfig, TrainingInputs, evaluate, load_examples, log_resumed, prepare_inputs, train_emotion_model,
+    TRAINER_STATE, EmotionConfig, TrainingInputs, collect_outputs, evaluate, load_examples, log_resumed, prepare_inputs,
+    train_emotion_model,
 )
+from mlplatform.mlops.figures import confusion_matrix_figure, learning_curves_figure
 
 
 @dataclasses.dataclass
@@ -119,6 +122,7 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     if tracker is not None:
         tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, step=best_epoch)
         tracker.log_artifact(best, artifact_path="model")
+        log_training_figures(tracker, result.metrics_dataframe, best, config)
     dev = {k.removeprefix("dev_"): v for k, v in best_metrics.items() if k.startswith("dev_")}
     return EmotionResult(best, dev, test, best_epoch, time.perf_counter() - started)
 
@@ -134,13 +138,37 @@ def best_model_folder(checkpoint: Any, output: str, name: str) -> Path:
     return best
 
 
-def score_checkpoint(folder: str | Path, config: EmotionConfig, *, split: str = "test") -> dict[str, float]:
-    """Metrics of a saved model on one split of the config's data."""
+def _split_loader(folder: str | Path, config: EmotionConfig, split: str) -> tuple[EmotionClassifier, torch.utils.data.DataLoader] | None:
+    """A saved model and a loader over one split of the config's data (None: the split is empty)."""
     tokenizer = load_tokenizer(folder)
     classifier = EmotionClassifier.from_pretrained(folder)
     examples = [e for e in load_examples(config) if e.split == split]
     if not examples:
-        return {}
+        return None
     dataset = EmotionDataset(examples, tokenizer, target=classifier.target, max_length=config.max_length)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=EmotionCollator(tokenizer.pad_token_id))
-    return evaluate(classifier, loader, torch.device("cpu"))
+    return classifier, torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=EmotionCollator(tokenizer.pad_token_id))
+
+
+def score_checkpoint(folder: str | Path, config: EmotionConfig, *, split: str = "test") -> dict[str, float]:
+    """Metrics of a saved model on one split of the config's data."""
+    loaded = _split_loader(folder, config, split)
+    return evaluate(*loaded, torch.device("cpu")) if loaded else {}
+
+
+def log_training_figures(tracker: Any, history: Any, folder: str | Path, config: EmotionConfig) -> None:
+    """Log the learning curves (train loss, dev macro-F1 per epoch) and the test split's confusion matrix as PNGs.
+
+    ``history`` is the run's reported metrics as a DataFrame (Ray's ``Result.metrics_dataframe``);
+    after a restart an epoch is reported again, and its last report counts.
+    """
+    epochs = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    tracker.log_figure(learning_curves_figure(
+        epochs["epoch"].tolist(), {"train loss": epochs["train_loss"].tolist(), "dev macro-F1": epochs["dev_macro_f1"].tolist()},
+        title="emotion: learning curves", xlabel="epoch"), "plots/learning_curves.png")
+    loaded = _split_loader(folder, config, "test")
+    if loaded:
+        classifier, loader = loaded
+        scores, _, _ = collect_outputs(classifier, loader, torch.device("cpu"))
+        truth = [e.dominant for e in loader.dataset.examples]
+        tracker.log_figure(confusion_matrix_figure(truth, scores.argmax(axis=1), EMOTIONS, title="emotion: test confusion matrix"),
+                           "plots/confusion_matrix_test.png")

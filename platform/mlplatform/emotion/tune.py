@@ -13,7 +13,7 @@ from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import ConfigError, config_to_dict
 from mlplatform.emotion.train import EmotionConfig, TrainingInputs, log_resumed, prepare_inputs, train_emotion_model
-from mlplatform.emotion.trainer import best_model_folder, score_checkpoint
+from mlplatform.emotion.trainer import best_model_folder, log_training_figures, score_checkpoint
 
 STUDY_FILE = "mlplatform-study.json"
 """Beside Tune's own files in a study's folder: the study's MLflow parent run, so a resumed study keeps logging to it."""
@@ -160,6 +160,7 @@ def tune_emotion(
         tracker.log_metrics({"best_dev_macro_f1": best.metrics["best_dev_macro_f1"], "trials_stopped_early": stopped,
                              **{f"test_{k}": v for k, v in test.items()}}, step=0)
         tracker.log_artifact(folder, artifact_path="model")
+        log_training_figures(tracker, best.metrics_dataframe, folder, config)
     return StudyResult(searched, best.metrics["best_dev_macro_f1"], test, folder, len(results), stopped, time.perf_counter() - started)
 
 

@@ -31,7 +31,6 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -42,6 +41,8 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
+
+from mlplatform.mlops.figures import learning_curves_figure
 
 __all__ = [
     "ExperimentTracker", "TrackingError", "default_tracking_uri", "open_client", "tracking_env_vars", "translated_errors",
@@ -267,17 +268,16 @@ class ExperimentTracker:
             ValueError: ``steps`` and ``values`` differ in length.
             TrackingError: the artifact store cannot be written.
         """
-        if len(steps) != len(values):
-            raise ValueError(f"got {len(steps)} steps but {len(values)} values")
+        figure = learning_curves_figure(steps, {ylabel or name: values}, title=name, xlabel=xlabel)
+        return self.log_figure(figure, f"{artifact_path}/{name}.png")
+
+    def log_figure(self, figure: Figure, artifact_file: str) -> str:
+        """Log a matplotlib figure as the PNG ``artifact_file`` (e.g. ``plots/confusion_matrix.png``); returns its ``runs:/`` URI.
+
+        Raises:
+            TrackingError: the artifact store cannot be written.
+        """
         self._check_open()
-        # A bare Figure on an Agg canvas: no pyplot state, no display, safe in worker threads.
-        figure = Figure(figsize=(6.4, 4.0), layout="constrained")
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        axes.plot(steps, values)
-        axes.set(title=name, xlabel=xlabel, ylabel=ylabel or name)
-        axes.grid(alpha=0.3)
-        artifact_file = f"{artifact_path}/{name}.png"
         with self._calling(f"log figure {artifact_file!r}"):
             self._client.log_figure(self._run_id, figure, artifact_file)
         return self._runs_uri(artifact_file)
