@@ -172,6 +172,7 @@ def train_emotion_command(
     """Fine-tune the Japanese emotion classifier under Ray Train (bundled corpus and small BERT by default)."""
     from mlplatform.emotion.tokenizer import TokenizerSetupError
     from mlplatform.emotion.train import EmotionConfig
+    from mlplatform.emotion.wordvectors import WordVectorsError
     from mlplatform.emotion.trainer import fit_emotion_model
 
     from mlplatform.storage import StorageError
@@ -180,7 +181,7 @@ def train_emotion_command(
     result, tracker = run_tracked(
         lambda tracker: fit_emotion_model(run_config, tracker, output_dir=output_dir),
         track=track, experiment_name=run_config.experiment_name, run_name=f"emotion__{run_config.target}__{int(time.time())}",
-        user_errors=(TokenizerSetupError, FileNotFoundError, ValueError, StorageError),
+        user_errors=(TokenizerSetupError, WordVectorsError, FileNotFoundError, ValueError, StorageError),
     )
     typer.echo(f"best dev macro-F1 {result.dev_metrics['macro_f1']:.3f} at epoch {result.best_epoch}; "
                f"test {', '.join(f'{k} {v:.3f}' for k, v in result.test_metrics.items())}; {result.seconds:.0f}s")
@@ -241,6 +242,7 @@ def tune_emotion_command(
     """Search learning rate, batch size, warmup and dropout with Ray Tune and ASHA."""
     from mlplatform.emotion.tokenizer import TokenizerSetupError
     from mlplatform.emotion.train import EmotionConfig
+    from mlplatform.emotion.wordvectors import WordVectorsError
     from mlplatform.emotion.tune import latest_study, tune_emotion
     from mlplatform.storage import StorageError
 
@@ -254,7 +256,7 @@ def tune_emotion_command(
                                      output_dir=output_dir, resume=previous.get("name")),
         track=track, experiment_name=previous.get("experiment_name", run_config.experiment_name),
         run_name=f"emotion-study__{int(time.time())}", run_id=previous.get("mlflow_run_id"),
-        user_errors=(TokenizerSetupError, FileNotFoundError, ValueError, StorageError),
+        user_errors=(TokenizerSetupError, WordVectorsError, FileNotFoundError, ValueError, StorageError),
     )
     if resume:
         typer.echo(f"resumed study {previous['name']}")

@@ -24,6 +24,7 @@ from mlplatform.emotion.labels import Target
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.progress import ProgressLine
 from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
+from mlplatform.emotion.wordvectors import initial_embeddings
 from mlplatform.storage import PortableFolder
 
 Reporter = Callable[..., None]
@@ -63,6 +64,8 @@ class EmotionConfig:
     """Transformer layers of the default model."""
     num_heads: int = pydantic.Field(4, ge=1)
     """Attention heads of the default model (must divide hidden_size)."""
+    word_vectors: Literal["ginza", "none"] = "ginza"
+    """Starting word embeddings of the default model: ginza (ja-ginza's pre-trained vectors, PCA-projected to hidden_size) or none (random)."""
     vocab_size: int = pydantic.Field(6000, ge=100)
     """Vocabulary bound for the project's own tokenizer (6000 keeps the corpus' ~4k MeCab words whole; smaller splits them to characters)."""
     max_length: int = pydantic.Field(128, ge=8)
@@ -114,19 +117,25 @@ class TrainingInputs:
     examples: tuple[EmotionExample, ...]
     tokenizer: PortableFolder | str
     model: PortableFolder | str | None
+    word_embeddings: np.ndarray | None = None
+    """The default model's starting word embeddings (vocabulary x hidden_size), or None for BERT's random start."""
 
 
 def prepare_inputs(config: EmotionConfig) -> TrainingInputs:
-    """Read the data and resolve the tokenizer once, on the driver (the project's own is trained here and cached)."""
+    """Read the data and resolve the tokenizer once, on the driver (the project's own is trained here and cached).
+
+    The default model's starting word embeddings are made here too, so only the driver needs ja-ginza.
+    """
     examples = load_examples(config)
-    if config.tokenizer is not None:
-        load_tokenizer(config.tokenizer)  # fails here, in one line, rather than on every worker
-        tokenizer = storage.portable(config.tokenizer)
-    else:
-        texts = [e.text for e in examples if e.split == "train"]
-        tokenizer = storage.portable(default_tokenizer(texts, vocab_size=config.vocab_size).name_or_path)
+    train_texts = [e.text for e in examples if e.split == "train"]
+    # loaded here so that a bad one fails in one line, rather than on every worker
+    loaded = load_tokenizer(config.tokenizer) if config.tokenizer is not None else default_tokenizer(train_texts, vocab_size=config.vocab_size)
+    tokenizer = storage.portable(config.tokenizer if config.tokenizer is not None else loaded.name_or_path)
     model = storage.portable(config.model) if config.model is not None else None
-    return TrainingInputs(tuple(e for e in examples if e.split in ("train", "dev")), tokenizer, model)
+    embeddings = None
+    if config.model is None and config.word_vectors == "ginza":
+        embeddings = initial_embeddings(loaded, train_texts, config.hidden_size, seed=config.seed)
+    return TrainingInputs(tuple(e for e in examples if e.split in ("train", "dev")), tokenizer, model, embeddings)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -283,6 +292,9 @@ def train_emotion_model(
         classifier = EmotionClassifier.from_config(
             tokenizer, target=settings.target, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
             num_heads=settings.num_heads, dropout=settings.dropout, max_length=settings.max_length)
+        if inputs.word_embeddings is not None:
+            with torch.no_grad():
+                classifier.model.get_input_embeddings().weight.copy_(torch.from_numpy(inputs.word_embeddings))
     else:
         classifier = EmotionClassifier.from_pretrained(
             storage.local_path(inputs.model), target=settings.target, hidden_dropout_prob=settings.dropout)

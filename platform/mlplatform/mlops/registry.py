@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -219,6 +218,8 @@ class ModelRegistry:
         if not path.is_file():
             raise RegistryError(f"{version.uri} is a {version.kind} folder, not a checkpoint file", error_code="INVALID_PARAMETER_VALUE")
         try:
+            import torch  # here, not at the top: the `models` commands never read a checkpoint, and torch costs them 2 s
+
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises UnpicklingError or RuntimeError for what weights_only refuses
             raise RegistryError(f"{version.uri}: refused to load {path.name}: {str(e).splitlines()[0]}",
