@@ -1,4 +1,4 @@
-"""The progress line an emotion training prints from rank 0: epoch, batch, loss, dev macro-F1 and samples/s."""
+"""The progress line an emotion training prints from rank 0: epoch, batch, loss, dev macro-F1 (or another score) and samples/s."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ class ProgressLine:
         epochs: the run's epochs.
         batches: batches per epoch on this worker.
         interval_s: seconds between lines within an epoch; 0 prints nothing at all.
+        score_name: what the score given at each epoch's end is.
         out: where the lines go (stdout).
     """
 
-    def __init__(self, *, epochs: int, batches: int, interval_s: float, out: TextIO | None = None) -> None:
-        self.epochs, self.batches, self.interval_s = epochs, batches, interval_s
+    def __init__(self, *, epochs: int, batches: int, interval_s: float, score_name: str = "dev macro-F1",
+                 out: TextIO | None = None) -> None:
+        self.epochs, self.batches, self.interval_s, self.score_name = epochs, batches, interval_s, score_name
         self.out = out or sys.stdout
-        self.dev_macro_f1: float | None = None
+        self.score: float | None = None
         self._start_epoch()
 
     def _start_epoch(self) -> None:
@@ -39,9 +41,9 @@ class ProgressLine:
             self._last_line = now
             self._print(epoch, batch, now)
 
-    def epoch_done(self, epoch: int, dev_macro_f1: float) -> None:
-        """The epoch's closing line, with its dev macro-F1; the next epoch's counts start from zero."""
-        self.dev_macro_f1 = dev_macro_f1
+    def epoch_done(self, epoch: int, score: float) -> None:
+        """The epoch's closing line, with its score; the next epoch's counts start from zero."""
+        self.score = score
         if self.interval_s > 0:
             self._print(epoch, self.batches, time.perf_counter())
         self._start_epoch()
@@ -49,6 +51,6 @@ class ProgressLine:
     def _print(self, epoch: int, batch: int, now: float) -> None:
         loss = self._loss_sum / max(self._samples, 1)
         rate = self._samples / max(now - self._epoch_started, 1e-9)
-        dev = f"{self.dev_macro_f1:.3f}" if self.dev_macro_f1 is not None else "-"
+        score = f"{self.score:.3f}" if self.score is not None else "-"
         print(f"epoch {epoch}/{self.epochs} · batch {batch}/{self.batches} · loss {loss:.4f} · "
-              f"dev macro-F1 {dev} · {rate:.0f} samples/s", file=self.out, flush=True)
+              f"{self.score_name} {score} · {rate:.0f} samples/s", file=self.out, flush=True)

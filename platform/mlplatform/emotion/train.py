@@ -8,7 +8,7 @@ import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pydantic
@@ -147,8 +147,16 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class OptimizerSettings(Protocol):
+    """What :func:`make_optimizer` reads from a config (:class:`EmotionConfig`, or MLM pre-training's)."""
+
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+
+
 def make_optimizer(
-    model: torch.nn.Module, settings: EmotionConfig, *, total_batches: int
+    model: torch.nn.Module, settings: OptimizerSettings, *, total_batches: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW and its linear warmup-then-decay schedule, to be stepped once per batch.
 
