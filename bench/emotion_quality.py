@@ -1,4 +1,4 @@
-"""Benchmark: test macro-F1 and accuracy of the default emotion model vs the n-gram baseline a user tries first, as one JSON line."""
+"""Benchmark: test and unseen-writer macro-F1 of the default emotion model vs the n-gram and word-vector baselines a user tries first, as one JSON line."""
 
 from __future__ import annotations
 
@@ -36,22 +36,51 @@ def scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
 
 def ngram_baseline(examples: Sequence[EmotionExample], seed: int) -> dict[str, float]:
     """Character 1-4-gram TF-IDF and logistic regression, fitted on train, its C chosen on dev, scored on test (and unseen)."""
-    (train_x, train_y), (dev_x, dev_y), (test_x, test_y), (unseen_x, unseen_y) = (
-        split(examples, s) for s in ("train", "dev", "test", "unseen"))
     vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 4), sublinear_tf=True)
-    train_features = vectorizer.fit_transform(train_x)
-    fitted = [LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(train_features, train_y) for c in NGRAM_C_GRID]
-    dev_f1 = [scores(dev_y, model.predict(vectorizer.transform(dev_x)))["macro_f1"] for model in fitted]
-    best = fitted[int(np.argmax(dev_f1))]
-    unseen = {f"unseen_{k}": v for k, v in scores(unseen_y, best.predict(vectorizer.transform(unseen_x))).items()} if unseen_x else {}
-    return scores(test_y, best.predict(vectorizer.transform(test_x))) | unseen | {"C": best.C}
+    data = {name: split(examples, name) for name in ("train", "dev", "test", "unseen")}
+    vectorizer.fit(data["train"][0])
+    features = {name: (vectorizer.transform(texts), labels) for name, (texts, labels) in data.items()}
+    return fit_on_dev(features["train"], features["dev"], {"": features["test"], "unseen_": features["unseen"]}, seed)
 
 
-def default_model(corpus: str | None, seed: int, epochs: int | None) -> dict[str, float]:
+def fit_on_dev(train: tuple, dev: tuple, evaluated: dict[str, tuple], seed: int) -> dict[str, float]:
+    """Logistic regression on train features, C chosen on dev, scored on each of ``evaluated`` (name: features, labels)."""
+    fitted = [LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(*train) for c in NGRAM_C_GRID]
+    best = fitted[int(np.argmax([scores(dev[1], model.predict(dev[0]))["macro_f1"] for model in fitted]))]
+    out: dict[str, float] = {"C": best.C}
+    for name, (features, labels) in evaluated.items():
+        if len(labels):
+            out |= {f"{name}{k}": v for k, v in scores(labels, best.predict(features)).items()}
+    return out
+
+
+def word_vector_baseline(examples: Sequence[EmotionExample], seed: int) -> dict[str, float]:
+    """The mean of ja-ginza's vectors over a text's MeCab words (found as written or by dictionary form), and logistic regression."""
+    import fugashi
+
+    from mlplatform.emotion.wordvectors import WordVectors, dictionary_forms
+
+    vectors, tagger = WordVectors.load_ginza(), fugashi.Tagger()
+    forms = dictionary_forms([e.text for e in examples if e.split == "train"])
+
+    def mean_vector(text: str) -> np.ndarray:
+        rows = [next((r for r in (vectors.row_of(f) for f in (w.surface, *forms.get(w.surface, ()))) if r >= 0), -1)
+                for w in tagger(text)]
+        found = [r for r in rows if r >= 0]
+        return vectors.vectors[found].mean(axis=0) if found else np.zeros(vectors.vectors.shape[1], np.float32)
+
+    data = {}
+    for name in ("train", "dev", "test", "unseen"):
+        texts, labels = split(examples, name)
+        data[name] = (np.stack([mean_vector(t) for t in texts]) if texts else np.zeros((0, 300)), labels)
+    return fit_on_dev(data["train"], data["dev"], {"": data["test"], "unseen_": data["unseen"]}, seed)
+
+
+def default_model(corpus: str | None, seed: int, epochs: int | None, **settings: object) -> dict[str, float]:
     """What `mlplatform train emotion` trains by default (Ray Train, one worker), scored on test at its best dev epoch."""
     from mlplatform.emotion.trainer import fit_emotion_model, score_checkpoint
 
-    config = EmotionConfig(**{"seed": seed, "corpus": corpus} | ({"epochs": epochs} if epochs else {}))
+    config = EmotionConfig(**{"seed": seed, "corpus": corpus, "progress_interval_s": 0.0} | ({"epochs": epochs} if epochs else {}) | settings)
     with tempfile.TemporaryDirectory() as output, stdout_to_stderr():
         result = fit_emotion_model(config, None, output_dir=output)
         unseen = score_checkpoint(result.checkpoint, config, split="unseen")
@@ -71,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--corpus", default=None, help="a JSONL file or folder (default: the bundled corpus)")
     parser.add_argument("--epochs", type=int, default=None, help="override the default model's epochs (default: its own)")
+    parser.add_argument("--ablation", action="store_true", help="also train the default model with word_vectors=none")
     args = parser.parse_args(argv)
     import ray
 
@@ -78,10 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     ngram = [ngram_baseline(examples, seed) for seed in args.seeds]
     ngram_seconds = time.perf_counter() - started
+    word_vectors = [word_vector_baseline(examples, seed) for seed in args.seeds[:1]]  # deterministic: one fit is all seeds
     with stdout_to_stderr():
         ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # never a cluster found in /tmp/ray
     try:
         ours = [default_model(args.corpus, seed, args.epochs) for seed in args.seeds]
+        ablation = [default_model(args.corpus, seed, args.epochs, word_vectors="none") for seed in args.seeds] if args.ablation else []
     finally:
         ray.shutdown()
     ours_summary, ngram_summary = summary(ours), summary(ngram)
@@ -91,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         "examples": {s: sum(e.split == s for e in examples) for s in ("train", "dev", "test", "unseen")},
         "seeds": args.seeds,
         "ours": ours_summary,
+        **({"ours_without_word_vectors": summary(ablation)} if ablation else {}),
         "ngram_tfidf_logreg": ngram_summary | {"seconds": round(ngram_seconds, 1)},
+        "ginza_mean_vectors_logreg": summary(word_vectors),
         "delta_macro_f1": round(ours_summary["macro_f1_mean"] - ngram_summary["macro_f1_mean"], 4),
         "ratio_macro_f1": round(ours_summary["macro_f1_mean"] / ngram_summary["macro_f1_mean"], 3),
         **({"delta_unseen_macro_f1": round(ours_summary["unseen_macro_f1_mean"] - ngram_summary["unseen_macro_f1_mean"], 4)}
