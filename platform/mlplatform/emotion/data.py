@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import dataclasses
 import json
 import logging
@@ -67,6 +68,26 @@ def load_corpus(path: str | Path | None = None) -> list[EmotionExample]:
     located = [pair for file in files for pair in _read_jsonl(file)]
     check_no_repeats(located)
     return [example for _, example in located]
+
+
+def bundled_unlabelled_dir() -> Path:
+    """The unlabelled corpus shipped inside the package."""
+    return Path(str(resources.files("mlplatform.emotion") / "unlabelled"))
+
+
+def load_unlabelled(path: str | Path | None) -> tuple[list[str], dict[str, object]]:
+    """The corpus' non-empty lines, and its provenance: files, line count and the SHA-256 of the texts in order.
+
+    Raises:
+        FileNotFoundError: nothing there.
+    """
+    path = Path(path) if path is not None else bundled_unlabelled_dir()
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"no unlabelled corpus at {str(path)!r}")
+    texts = [line.strip() for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+    return texts, {"files": [f.name for f in files], "texts": len(texts), "sha256": digest}
 
 
 def check_no_repeats(located: Sequence[tuple[str, EmotionExample]]) -> None:

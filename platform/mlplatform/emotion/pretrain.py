@@ -8,12 +8,10 @@ labelled corpus, so an encoder pre-trained on it has seen none of the emotion da
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
 import pydantic
@@ -22,6 +20,7 @@ from pydantic.dataclasses import dataclass
 from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
 
 from mlplatform.config import RUN_CONFIG, config_to_dict
+from mlplatform.emotion.data import load_unlabelled
 from mlplatform.emotion.progress import ProgressLine
 from mlplatform.emotion.tokenizer import train_tokenizer
 from mlplatform.emotion.train import make_optimizer
@@ -67,26 +66,6 @@ class PretrainConfig:
     """Seconds between progress lines within an epoch; 0 prints none."""
 
 
-def bundled_unlabelled_dir() -> Path:
-    """The unlabelled corpus shipped inside the package."""
-    return Path(str(resources.files("mlplatform.emotion") / "unlabelled"))
-
-
-def read_texts(path: str | Path | None) -> tuple[list[str], dict[str, object]]:
-    """The corpus' non-empty lines, and its provenance: files, line count and the SHA-256 of the texts in order.
-
-    Raises:
-        FileNotFoundError: nothing there.
-    """
-    path = Path(path) if path is not None else bundled_unlabelled_dir()
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"no unlabelled corpus at {str(path)!r}")
-    texts = [line.strip() for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
-    return texts, {"files": [f.name for f in files], "texts": len(texts), "sha256": digest}
-
-
 def pretrain_encoder(config: PretrainConfig, out_dir: str | Path) -> dict[str, float]:
     """Learn a vocabulary on the corpus, pre-train the encoder with MLM, and save both with ``save_pretrained``.
 
@@ -96,7 +75,7 @@ def pretrain_encoder(config: PretrainConfig, out_dir: str | Path) -> dict[str, f
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
-    texts, provenance = read_texts(config.corpus)
+    texts, provenance = load_unlabelled(config.corpus)
     tokenizer = train_tokenizer(texts, out_dir, vocab_size=config.vocab_size, model_max_length=config.max_length)
     model = BertForMaskedLM(BertConfig(
         vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,

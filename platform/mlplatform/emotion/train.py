@@ -14,15 +14,18 @@ import numpy as np
 import pydantic
 import torch
 from pydantic.dataclasses import dataclass
-from sklearn.metrics import f1_score, mean_absolute_error
 from transformers import get_linear_schedule_with_warmup
 
 from mlplatform import storage
 from mlplatform.config import RUN_CONFIG
-from mlplatform.emotion.data import EmotionCollator, EmotionDataset, EmotionExample, load_corpus, load_wrime_tsv
+from mlplatform.emotion.data import (
+    EmotionCollator, EmotionDataset, EmotionExample, load_corpus, load_unlabelled, load_wrime_tsv,
+)
+from mlplatform.emotion.evaluation import evaluate
 from mlplatform.emotion.labels import Target
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.progress import ProgressLine
+from mlplatform.emotion.teacher import NgramTeacher
 from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
 from mlplatform.emotion.wordvectors import initial_embeddings
 from mlplatform.storage import PortableFolder
@@ -70,6 +73,10 @@ class EmotionConfig:
     """Vocabulary bound for the project's own tokenizer (6000 keeps the corpus' ~4k MeCab words whole; smaller splits them to characters)."""
     max_length: int = pydantic.Field(128, ge=8)
     """Tokens per text; longer texts are truncated."""
+    teacher: Literal["ngram", "none"] = "none"
+    """Distillation (single target): ngram fits a char 1-4-gram TF-IDF + logistic-regression teacher on train and trains on its soft labels for the unlabelled corpus too; none uses the labelled texts alone."""
+    unlabelled: str | None = None
+    """Text file or folder (one text per line) the teacher labels; None uses the bundled unlabelled corpus."""
     soft_labels: bool = True
     """Single target: train against the normalised intensities, not their argmax (keeps secondary emotions); metrics still use the argmax."""
     patience: int = pydantic.Field(10, ge=1)
@@ -97,6 +104,8 @@ class EmotionConfig:
     def _heads_divide_width(self) -> EmotionConfig:
         if self.model is None and self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        if self.teacher != "none" and self.target != "single":
+            raise ValueError(f"teacher={self.teacher} gives soft labels over the dominant emotion: it needs target=single")
         return self
 
 
@@ -135,7 +144,10 @@ def prepare_inputs(config: EmotionConfig) -> TrainingInputs:
     embeddings = None
     if config.model is None and config.word_vectors == "ginza":
         embeddings = initial_embeddings(loaded, train_texts, config.hidden_size, seed=config.seed)
-    return TrainingInputs(tuple(e for e in examples if e.split in ("train", "dev")), tokenizer, model, embeddings)
+    labelled = [e for e in examples if e.split in ("train", "dev")]
+    if config.teacher == "ngram":
+        labelled += NgramTeacher(labelled, seed=config.seed).label(load_unlabelled(config.unlabelled)[0])
+    return TrainingInputs(tuple(labelled), tokenizer, model, embeddings)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -167,42 +179,6 @@ def make_optimizer(
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate, fused=True)
     warmup = math.ceil(settings.warmup_ratio * total_batches)
     return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_batches)
-
-
-def collect_outputs(
-    model: EmotionClassifier, loader: torch.utils.data.DataLoader, device: torch.device
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """The model's scores (see :meth:`EmotionClassifier.scores`), the labels and the mean loss over a loader."""
-    model.eval()
-    scores, labels, losses = [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            output = model(**batch)
-            losses.append(output.loss.item() * len(batch["labels"]))
-            scores.append(model.scores(output.logits.float()).cpu().numpy())
-            labels.append(batch["labels"].cpu().numpy())
-    model.train()
-    truth = np.concatenate(labels)
-    return np.concatenate(scores), truth, float(np.sum(losses) / len(truth))
-
-
-def evaluate(model: EmotionClassifier, loader: torch.utils.data.DataLoader, device: torch.device) -> dict[str, float]:
-    """Accuracy and macro-F1 of the dominant emotion (plus MAE for intensity) over a loader."""
-    predicted, truth, loss = collect_outputs(model, loader, device)
-    metrics = {"loss": loss}
-    if model.target == "multi":
-        present = predicted >= 0.5
-        metrics |= {"accuracy": float((present == truth.astype(bool)).all(axis=1).mean()),
-                    "macro_f1": float(f1_score(truth, present, average="macro", zero_division=0))}
-    else:
-        dominant_true = truth if truth.ndim == 1 else truth.argmax(axis=1)
-        dominant_pred = predicted.argmax(axis=1)
-        metrics |= {"accuracy": float((dominant_pred == dominant_true).mean()),
-                    "macro_f1": float(f1_score(dominant_true, dominant_pred, average="macro", zero_division=0))}
-        if model.target == "intensity":
-            metrics["mae"] = float(mean_absolute_error(truth, predicted))
-    return metrics
 
 
 def train_one_epoch(

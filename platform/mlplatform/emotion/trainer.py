@@ -14,12 +14,12 @@ from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import config_to_dict
 from mlplatform.emotion.data import EmotionCollator, EmotionDataset
+from mlplatform.emotion.evaluation import collect_outputs, evaluate
 from mlplatform.emotion.labels import EMOTIONS
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.tokenizer import load_tokenizer
 from mlplatform.emotion.train import (
-    TRAINER_STATE, EmotionConfig, TrainingInputs, collect_outputs, evaluate, load_examples, log_resumed, prepare_inputs,
-    train_emotion_model,
+    TRAINER_STATE, EmotionConfig, TrainingInputs, load_examples, log_resumed, prepare_inputs, train_emotion_model,
 )
 from mlplatform.mlops.figures import confusion_matrix_figure, learning_curves_figure
 
