@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", default=None, help="a JSONL file or folder (default: the bundled corpus)")
     parser.add_argument("--epochs", type=int, default=None, help="override the default model's epochs (default: its own)")
     parser.add_argument("--ablation", action="store_true", help="also train the default model with word_vectors=none")
+    parser.add_argument("--teacher", action="store_true", help="also train it distilled from the n-gram teacher (teacher=ngram)")
+    parser.add_argument("--encoder", default=None, help="also fine-tune this MLM-pre-trained encoder folder (and, given --teacher, distil into it too)")
     args = parser.parse_args(argv)
     import ray
 
@@ -113,7 +115,15 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # never a cluster found in /tmp/ray
     try:
         ours = [default_model(args.corpus, seed, args.epochs) for seed in args.seeds]
-        ablation = [default_model(args.corpus, seed, args.epochs, word_vectors="none") for seed in args.seeds] if args.ablation else []
+        variants = {"ours_without_word_vectors": {"word_vectors": "none"}} if args.ablation else {}
+        if args.teacher:
+            variants["ours_distilled"] = {"teacher": "ngram"}
+        if args.encoder:
+            variants["pretrained_encoder"] = {"model": args.encoder, "tokenizer": args.encoder}
+            if args.teacher:
+                variants["pretrained_encoder_distilled"] = {"model": args.encoder, "tokenizer": args.encoder, "teacher": "ngram"}
+        others = {name: summary([default_model(args.corpus, seed, args.epochs, **settings) for seed in args.seeds])
+                  for name, settings in variants.items()}
     finally:
         ray.shutdown()
     ours_summary, ngram_summary = summary(ours), summary(ngram)
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         "examples": {s: sum(e.split == s for e in examples) for s in ("train", "dev", "test", "unseen")},
         "seeds": args.seeds,
         "ours": ours_summary,
-        **({"ours_without_word_vectors": summary(ablation)} if ablation else {}),
+        **others,
         "ngram_tfidf_logreg": ngram_summary | {"seconds": round(ngram_seconds, 1)},
         "ginza_mean_vectors_logreg": summary(word_vectors),
         "delta_macro_f1": round(ours_summary["macro_f1_mean"] - ngram_summary["macro_f1_mean"], 4),

@@ -9,7 +9,6 @@ labelled corpus, so an encoder pre-trained on it has seen none of the emotion da
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,7 +84,7 @@ def pretrain_encoder(config: PretrainConfig, out_dir: str | Path) -> dict[str, f
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(torch.from_numpy(
                 initial_embeddings(tokenizer, texts, config.hidden_size, seed=config.seed)))
-    encoded = [ids for ids in tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]]
+    encoded = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
     held_out = encoded[:: 50]  # 2%, to see the encoder generalise rather than memorise
     training = [ids for i, ids in enumerate(encoded) if i % 50]
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mask_probability, return_tensors="pt")
