@@ -64,9 +64,7 @@ def word_vector_baseline(examples: Sequence[EmotionExample], seed: int) -> dict[
     forms = dictionary_forms([e.text for e in examples if e.split == "train"])
 
     def mean_vector(text: str) -> np.ndarray:
-        rows = [next((r for r in (vectors.row_of(f) for f in (w.surface, *forms.get(w.surface, ()))) if r >= 0), -1)
-                for w in tagger(text)]
-        found = [r for r in rows if r >= 0]
+        found = [row for row in (vectors.find(w.surface, forms) for w in tagger(text)) if row >= 0]
         return vectors.vectors[found].mean(axis=0) if found else np.zeros(vectors.vectors.shape[1], np.float32)
 
     data = {}

@@ -8,6 +8,7 @@ labelled corpus, so an encoder pre-trained on it has seen none of the emotion da
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from mlplatform.config import RUN_CONFIG, config_to_dict
 from mlplatform.emotion.data import load_unlabelled
 from mlplatform.emotion.progress import ProgressLine
 from mlplatform.emotion.tokenizer import train_tokenizer
-from mlplatform.emotion.train import make_optimizer
+from mlplatform.emotion.train import make_optimizer, train_one_epoch
 from mlplatform.emotion.wordvectors import initial_embeddings
 
 PROVENANCE_FILE = "pretraining.json"
@@ -95,22 +96,13 @@ def pretrain_encoder(config: PretrainConfig, out_dir: str | Path) -> dict[str, f
     initial_loss = masked_loss(model, collator, held_out, config.seed)
     progress = ProgressLine(epochs=config.epochs, batches=len(loader), interval_s=config.progress_interval_s,
                             score_name="held-out MLM loss")
-    model.train()
     for epoch in range(1, config.epochs + 1):
-        running, seen = 0.0, 0
-        for number, batch in enumerate(loader, start=1):
-            loss = model(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            running, seen = running + loss.item() * len(batch["input_ids"]), seen + len(batch["input_ids"])
-            progress.batch_done(epoch, number, loss.item(), len(batch["input_ids"]))
+        train_loss = train_one_epoch(model, loader, optimizer, scheduler, max_grad_norm=1.0, bf16=False,
+                                     on_batch=functools.partial(progress.batch_done, epoch))
         held_out_loss = masked_loss(model, collator, held_out, config.seed)
         progress.epoch_done(epoch, held_out_loss)
     model.save_pretrained(out_dir)
-    metrics = {"train_mlm_loss": running / seen, "held_out_mlm_loss": held_out_loss, "initial_held_out_mlm_loss": initial_loss,
+    metrics = {"train_mlm_loss": train_loss, "held_out_mlm_loss": held_out_loss, "initial_held_out_mlm_loss": initial_loss,
                "seconds": time.perf_counter() - started}
     (out_dir / PROVENANCE_FILE).write_text(json.dumps(
         {"corpus": provenance, "config": config_to_dict(config), "metrics": metrics}, indent=1), encoding="utf-8")

@@ -67,6 +67,10 @@ class WordVectors:
 
         return self.rows.get(hash_string(word), -1)
 
+    def find(self, word: str, forms: dict[str, list[str]]) -> int:
+        """The row of ``word`` as written, else of its first dictionary form that has one (``forms``: :func:`dictionary_forms`)."""
+        return next((row for row in map(self.row_of, (word, *forms.get(word, ()))) if row >= 0), -1)
+
 
 def dictionary_forms(texts: Sequence[str]) -> dict[str, list[str]]:
     """For each MeCab surface in ``texts``, its base and lemma forms, the most frequent first."""
@@ -86,11 +90,7 @@ def vocabulary_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], ve
     forms = dictionary_forms(texts)
     rows = np.full(len(tokenizer), -1, dtype=np.int64)
     for token, token_id in tokenizer.get_vocab().items():
-        word = token.removeprefix("##")
-        for candidate in (word, *forms.get(word, ())):
-            if (row := vectors.row_of(candidate)) >= 0:
-                rows[token_id] = row
-                break
+        rows[token_id] = vectors.find(token.removeprefix("##"), forms)
     return rows
 
 
