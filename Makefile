@@ -31,7 +31,7 @@ tools:
 # is spent waiting on processes, so two run in little more than the time of one.
 TEST_WORKERS ?= 2
 test: $(STAMP) tools
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # DEMO_CONFIG: a YAML file of `mlplatform up` settings (StackConfig in platform/mlplatform/stack.py).
 demo: $(STAMP)

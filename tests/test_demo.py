@@ -15,15 +15,24 @@ import yaml
 
 from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.mlops.tracking import job_runs
+from mlplatform.services import free_port
 from mlplatform.stack import StackConfig, StackState
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-QUICK = {  # the default pipeline, cut to a couple of minutes; the services, ports and models are the defaults
+QUICK = {  # the default pipeline, cut to a couple of minutes; the services and models are the defaults
     "apex": {"total_steps": 2000, "learning_starts": 500, "eval_every": 1500, "stop_at_return": None},
-    "tune": {"epochs": 2}, "tune_samples": 2, "tune_grace_period": 1,
-    "federated": {"rounds": 2},
+    "tune": {"epochs": 2, "corpus": str(REPO / "tests/emotion/data/forty-writers")}, "tune_samples": 2, "tune_grace_period": 1,
+    "federated": {"rounds": 2, "corpus": str(REPO / "tests/emotion/data/forty-writers")},
 }
+PORTS = ("ray_port", "dashboard_port", "client_port", "metrics_port", "mlflow_port", "prometheus_port", "serve_port")
+"""Each on a free port, not the default: the test must not take, or meet, a user's stack or another test's Ray."""
+
+
+def on_ports(block: str, ports: dict[str, int]) -> str:
+    """A README block with the default dashboard and Serve addresses moved to this run's ports."""
+    return block.replace("127.0.0.1:8265", f"127.0.0.1:{ports['dashboard_port']}").replace(
+        "127.0.0.1:8000", f"127.0.0.1:{ports['serve_port']}")
 
 
 def quick_start_blocks() -> list[str]:
@@ -55,10 +64,12 @@ def user_home(tmp_path):
 
 
 def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_path):
-    demo, curl, submit, stop = quick_start_blocks()
+    ports = {name: free_port() for name in PORTS}
+    demo, curl, submit, stop = (on_ports(block, ports) for block in quick_start_blocks())
     assert demo.strip() == "make demo" and stop.strip() == ".venv/bin/mlplatform down"
+    assert f"127.0.0.1:{ports['serve_port']}" in curl and f"127.0.0.1:{ports['dashboard_port']}" in submit
     quick = tmp_path / "quick.yaml"
-    quick.write_text(yaml.safe_dump(QUICK))
+    quick.write_text(yaml.safe_dump(QUICK | ports))
     store = f"sqlite:///{tmp_path}/mlruns.db"
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env |= {"HOME": str(user_home), "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1"}
@@ -72,7 +83,8 @@ def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_pa
     assert all(url.startswith("http://127.0.0.1:") for url in state.urls.values())
 
     # every job the demo ran SUCCEEDED, and each registered its model with @champion
-    listed = fresh_shell("export RAY_AUTH_MODE=token; .venv/bin/ray list jobs --format json --address http://127.0.0.1:8265",
+    listed = fresh_shell("export RAY_AUTH_MODE=token; .venv/bin/ray list jobs --format json --address "
+                         f"http://127.0.0.1:{ports['dashboard_port']}",
                          user_home)
     assert listed.returncode == 0, listed.stderr[-2000:]
     jobs = json.loads(listed.stdout)
@@ -90,7 +102,7 @@ def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_pa
     for path, body, model in [("/v1/emotion/emotion", {"text": ["嬉しい", "怖い"]}, "emotion"),
                               ("/v1/emotion", {"text": "嬉しい"}, "emotion-dp"),
                               ("/v1/policy/cartpole", {"observation": [0.0, 0.1, 0.0, -0.1]}, "cartpole")]:
-        request = urllib.request.Request(f"http://127.0.0.1:8000{path}", data=json.dumps(body).encode(),
+        request = urllib.request.Request(f"http://127.0.0.1:{ports['serve_port']}{path}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
             assert json.loads(response.read())["model"] == model
@@ -112,4 +124,4 @@ def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_pa
     assert stopped.returncode == 0 and "stopped ray, mlflow, prometheus" in stopped.stdout, stopped.stdout + stopped.stderr
     assert not any(p.alive() for p in state.processes) and StackState.load(REPO / StackConfig().home) is None
     with pytest.raises(OSError):
-        urllib.request.urlopen("http://127.0.0.1:8000/healthz", timeout=5)
+        urllib.request.urlopen(f"http://127.0.0.1:{ports['serve_port']}/healthz", timeout=5)

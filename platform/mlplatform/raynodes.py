@@ -54,6 +54,7 @@ def start_ray_head(state: ServiceState, *, port: int, dashboard_port: int, clien
     Returns:
         The dashboard (job API) address.
     """
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     argv = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-host={LOOPBACK}",
@@ -68,6 +69,9 @@ def start_ray_head(state: ServiceState, *, port: int, dashboard_port: int, clien
         try:
             JobSubmissionClient(dashboard).submit_job(entrypoint="python -c pass")
             return dashboard
+        except AuthenticationError:  # the port was free when checked, and another Ray's dashboard took it since
+            raise ServiceError(f"port {dashboard_port} answers for another Ray cluster (its token differs); "
+                               "choose a free dashboard port") from None
         except (OSError, RuntimeError):  # refused, or "No available agent to submit job"
             time.sleep(2)
 

@@ -133,7 +133,7 @@ def torch_load(data: bytes) -> dict:
 
 
 TINY_EMOTION = ["--set", "hidden_size=32", "--set", "num_layers=1", "--set", "num_heads=2", "--set", "vocab_size=2000",
-                "--set", "max_length=64"]
+                "--set", "max_length=64", "--set", "corpus=tests/emotion/data/forty-writers"]  # the first 40 writers only
 
 
 def metric_steps(run_id: str, key: str, tracking_uri: str) -> list[int]:
@@ -185,7 +185,8 @@ def test_federated_dp_job_replaces_the_clients_of_a_lost_node_and_keeps_its_acco
     submission = cluster.submit("python", "jobs/train_federated.py", "--config", "jobs/configs/federated_tiny.yaml", "--no-progress",
                                 "--set", f"rounds={rounds}", "--set", "num_clients=20", "--set", "num_actors=4",
                                 "--set", "dp=true", "--set", f"sample_rate={q}", "--set", f"noise_multiplier={z}",
-                                "--set", "round_deadline_s=20", "--set", "local_epochs=20", "--set", "eval_every=100")
+                                "--set", "round_deadline_s=20", "--set", "local_epochs=20", "--set", "eval_every=100",
+                                "--set", "corpus=tests/emotion/data/forty-writers")
     run_id = wait_for(lambda: (job_runs(submission, cluster.tracking_uri) or [None])[0], "the federated run")
     wait_for(lambda: len(metric_steps(run_id, "privacy/epsilon", cluster.tracking_uri)) >= 2, "two rounds")
     on = {name for name, node in cluster.node_ids().items() if node in nodes_of(cluster, "ClientActor")}

@@ -31,7 +31,7 @@ def test_job_entrypoint_runs_its_config_and_logs_to_mlflow(tmp_path):
     [
         (["--set", "dp=true"], "error: config: dp needs noise_multiplier or target_epsilon"),
         (["--set", "partition=random"], "error: partition: Input should be 'iid', 'dirichlet' or 'writer'"),
-        (["--set", "num_clients=5000"], "error: partition: 896 examples cannot fill 5000 client slots"),
+        (["--set", "num_clients=5000"], "error: partition: 3794 examples cannot fill 5000 client slots"),
         (["--set", "strategy=fedprox", "--set", "proximal_mu=1"], "error: config: fedprox with sgd diverges"),
         (["--set", "task=emotion", "--set", "tokenizer=/no/such/tokenizer"], "error: no tokenizer at '/no/such/tokenizer'"),
     ],

@@ -1,6 +1,7 @@
 """Federated runs on a real two-CPU Ray: virtual clients, non-IID accuracy, faults, DP and MLflow logging."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,10 +23,12 @@ from mlplatform.storage import cache_dir
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 REPO_CONFIGS = "jobs/configs"
+FORTY_WRITERS = Path(__file__).parents[1] / "emotion" / "data" / "forty-writers"
+"""The bundled corpus' first 40 writers (1,120 texts): four times cheaper to train on than all 160."""
 
 
 def tiny(tmp_path, **options) -> FederatedConfig:
-    values = {"num_features": 512, "num_actors": 2, "output_dir": str(tmp_path / "model")} | options
+    values = {"num_features": 512, "num_actors": 2, "output_dir": str(tmp_path / "model"), "corpus": str(FORTY_WRITERS)} | options
     return FederatedConfig(**values)
 
 
@@ -38,7 +41,7 @@ def test_a_hundred_virtual_clients_complete_five_rounds_on_two_actors(tmp_path):
 
 def test_non_iid_fedavg_comes_within_five_points_of_centralized_training(tmp_path):
     config = dataclasses.replace(load_config(FederatedConfig, f"{REPO_CONFIGS}/federated_tiny.yaml"),
-                                 num_actors=2, output_dir=str(tmp_path / "model"))
+                                 num_actors=2, output_dir=str(tmp_path / "model"), corpus=str(FORTY_WRITERS))
     assert (config.partition, config.alpha, config.num_clients) == ("dirichlet", 0.5, 100)
     federated = run_federated(config, progress=False)
     centralized = train_centralized(config, epochs=20)
@@ -103,7 +106,8 @@ def test_dp_run_logs_epsilon_every_round_and_stops_before_the_target(tmp_path):
 
 def test_the_emotion_model_federated_by_writer_under_dp(tmp_path, monkeypatch):
     config = dataclasses.replace(load_config(FederatedConfig, f"{REPO_CONFIGS}/federated_emotion_dp.yaml"),
-                                 rounds=2, num_actors=2, hidden_size=32, num_layers=1, output_dir=str(tmp_path / "model"))
+                                 rounds=2, num_actors=2, hidden_size=32, num_layers=1, output_dir=str(tmp_path / "model"),
+                                 corpus=str(FORTY_WRITERS))
     result = run_federated(config, progress=False)
     assert result.rounds == 2 and 0 < result.epsilon <= config.target_epsilon
     assert result.history[0].sampled > 0 and result.noise_multiplier > 0
