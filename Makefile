@@ -27,11 +27,8 @@ tools:
 	@command -v prometheus >/dev/null || $(APT_INSTALL) prometheus || \
 		{ $(SUDO) apt-get update && $(APT_INSTALL) prometheus; }
 
-# Two pytest workers, one test module each at a time (a module shares one Ray cluster): most of a Ray test's time
-# is spent waiting on processes, so two run in little more than the time of one.
-TEST_WORKERS ?= 2
 test: $(STAMP) tools
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest
 
 # DEMO_CONFIG: a YAML file of `mlplatform up` settings (StackConfig in platform/mlplatform/stack.py).
 demo: $(STAMP)

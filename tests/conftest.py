@@ -22,19 +22,6 @@ from mlplatform.services import ServiceState, free_port  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-LONGEST_FIRST = ("tests/cluster/test_multinode.py", "tests/test_demo.py")
-"""Modules of several minutes each. Under `make test`'s two workers they start first; started last, one of
-them would keep a worker busy long after the other has finished everything else."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        module = item.nodeid.split("::")[0]
-        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: within a module, and among the others, the collection order stays
-
-
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     """A loopback port something listens on for the whole test."""

@@ -172,7 +172,8 @@ def up(config: ClusterConfig, echo: Echo, *, state_class: type[ClusterState] = C
         state.nodes[name] = ray_node_argv(num_cpus=config.worker_cpus, resources={name: 1}, object_store_bytes=object_store,
                                           metrics_port=metrics_port)
         start_node(state, name, token, repository=repository)
-    wait_for_nodes(state, 1 + config.workers, config.ready_timeout_s)
+    wait_for_nodes(state, 1 + config.workers, config.ready_timeout_s,
+                   restart=lambda name: start_node(state, name, token, repository=repository))
     if config.workers:
         echo(f"{config.workers} worker nodes joined, each in its own mount namespace")
     return state
@@ -199,15 +200,32 @@ def _check_node(state: ClusterState, name: str) -> None:
         raise ServiceError(f"no worker node named {name!r}; the cluster has {sorted(state.nodes) or 'none'}")
 
 
-def wait_for_nodes(state: ClusterState, count: int, timeout_s: float) -> None:
-    """Wait until ``count`` nodes are alive, as the head's state API reports them."""
+NODE_START_ATTEMPTS = 3
+"""Starts of a worker node before `up` gives up: Ray gives a new raylet a fixed 30 s to register with the
+head, which a loaded machine can miss, and the node's `ray start` then exits."""
+
+
+def wait_for_nodes(state: ClusterState, count: int, timeout_s: float, *,
+                   restart: Callable[[str], None] | None = None) -> None:
+    """Wait until ``count`` nodes are alive, as the head's state API reports them.
+
+    A worker node whose `ray start` exits before it joins is started again by ``restart`` (given
+    the node's name), up to :data:`NODE_START_ATTEMPTS` starts in all.
+    """
     from ray.util.state import list_nodes
 
     deadline = time.monotonic() + timeout_s
+    starts = dict.fromkeys(state.nodes, 1)
     while (alive := len(list_nodes(address=state.urls["dashboard"], filters=[("state", "=", "ALIVE")]))) < count:
-        for process in state.processes:
-            if process.name.startswith("ray") and not process.alive():
-                raise ServiceError(f"{process.name} exited; see {process.log}")
+        for name in ("ray", *(f"ray-{node}" for node in state.nodes)):
+            process = state.process(name)
+            if process.alive():
+                continue
+            node = name.removeprefix("ray-")
+            if restart is None or node not in starts or starts[node] >= NODE_START_ATTEMPTS:
+                raise ServiceError(f"{name} exited; see {process.log}")
+            starts[node] += 1
+            restart(node)
         if time.monotonic() > deadline:
             raise ServiceError(f"only {alive} of {count} Ray nodes joined in {timeout_s:.0f}s; see {state.home}/logs")
         time.sleep(1)

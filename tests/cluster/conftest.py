@@ -98,13 +98,13 @@ class Cluster:
 
     def heal(self) -> None:
         """Start again every worker node a test killed, isolated as before, and wait until all nodes are alive."""
+        def start(name: str) -> None:
+            localcluster.start_node(self.state, name, self.token, repository=REPO)
+
         for name in self.state.nodes:
             if not self.state.process(f"ray-{name}").alive():
-                localcluster.start_node(self.state, name, self.token, repository=REPO)
-        deadline = time.monotonic() + 120
-        while len(self.node_ids()) < 1 + len(self.state.nodes):
-            assert time.monotonic() < deadline, f"worker nodes did not rejoin; see {self.state.home}/logs"
-            time.sleep(1)
+                start(name)
+        localcluster.wait_for_nodes(self.state, 1 + len(self.state.nodes), 120, restart=start)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from mlplatform.mlops.tracking import ExperimentTracker
 MINI = str(Path(__file__).parent / "data" / "mini.jsonl")
 FORTY_WRITERS = str(Path(__file__).parent / "data" / "forty-writers")
 """The bundled corpus' first 40 writers (1,120 texts): four times cheaper to train on than all 160."""
-TINY = {"corpus": MINI, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 300, "batch_size": 8}
+TINY = {"corpus": MINI, "teacher": "none", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 300, "batch_size": 8}
 
 
 def test_learning_rate_warms_up_to_the_peak_then_falls_linearly_per_batch():

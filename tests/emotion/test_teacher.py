@@ -32,9 +32,9 @@ def test_the_trainer_gets_the_labelled_and_the_teacher_labelled_texts(tmp_path, 
     monkeypatch.setenv("MLPLATFORM_HOME", str(tmp_path))
     unlabelled = tmp_path / "texts.txt"
     unlabelled.write_text("\n".join(UNLABELLED) + "\n\n", encoding="utf-8")
-    tiny = {"corpus": MINI, "hidden_size": 32, "num_heads": 2, "vocab_size": 300, "word_vectors": "none"}
+    tiny = {"corpus": MINI, "teacher": "none", "hidden_size": 32, "num_heads": 2, "vocab_size": 300, "word_vectors": "none"}
     plain = prepare_inputs(EmotionConfig(**tiny))
-    distilled = prepare_inputs(EmotionConfig(**tiny, teacher="ngram", unlabelled=str(unlabelled)))
+    distilled = prepare_inputs(EmotionConfig(**tiny | {"teacher": "ngram", "unlabelled": str(unlabelled)}))
     assert distilled.examples[: len(plain.examples)] == plain.examples
     assert [e.text for e in distilled.examples[len(plain.examples):]] == UNLABELLED
 
