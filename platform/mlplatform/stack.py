@@ -54,11 +54,11 @@ class StackConfig(ClusterConfig):
     """Fields set on top of apex_config."""
     tune_config: str = "jobs/configs/emotion_tune.yaml"
     """Emotion Tune search base config."""
-    tune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 12})
-    """Fields set on top of tune_config: a short search by default."""
-    tune_samples: int = pydantic.Field(4, ge=1)
+    tune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 4})
+    """Fields set on top of tune_config: a short search by default (an epoch is the labelled texts and the teacher-labelled unlabelled corpus)."""
+    tune_samples: int = pydantic.Field(2, ge=1)
     """Trials of the emotion search."""
-    tune_grace_period: int = pydantic.Field(3, ge=1)
+    tune_grace_period: int = pydantic.Field(2, ge=1)
     """Epochs each trial gets before ASHA may stop it."""
     federated_config: str = "jobs/configs/federated_emotion_dp.yaml"
     """DP federated fine-tuning config; its starting model is the emotion model the search registered."""
@@ -135,7 +135,7 @@ def pipeline(config: StackConfig, home: Path) -> list[PipelineJob]:
                     ["--config", config.tune_config, "--num-samples", str(config.tune_samples),
                      "--grace-period", str(config.tune_grace_period), "--output-dir", tune_output,
                      *settings(config.tune)],
-                    "emotion classifier, best of a Tune search", ("test_macro_f1",)),
+                    "emotion classifier, best of a Tune search", ("test_macro_f1", "teacher_test_macro_f1")),
         PipelineJob(config.private_name, "jobs/train_federated.py",
                     ["--config", config.federated_config, "--no-progress",
                      *settings({"model": f"models:/{config.emotion_name}@{config.alias}",

@@ -37,6 +37,9 @@ def test_the_trainer_gets_the_labelled_and_the_teacher_labelled_texts(tmp_path, 
     distilled = prepare_inputs(EmotionConfig(**tiny | {"teacher": "ngram", "unlabelled": str(unlabelled)}))
     assert distilled.examples[: len(plain.examples)] == plain.examples
     assert [e.text for e in distilled.examples[len(plain.examples):]] == UNLABELLED
+    # the teacher's own scores, the n-gram baseline of the same run, come with them: one per held-out split there is
+    assert plain.teacher_metrics == {} and set(distilled.teacher_metrics) == {"teacher_dev_macro_f1"}  # mini: train, dev
+    assert all(0.0 <= value <= 1.0 for value in distilled.teacher_metrics.values())
 
 
 def test_a_teacher_for_another_target_is_refused_by_name(tmp_path):

@@ -47,6 +47,11 @@ class NgramTeacher:
         self.dev_macro_f1s = [float(f1_score(dev_labels, m.predict(dev_features), average="macro")) for m in fitted]
         self.model = fitted[int(np.argmax(self.dev_macro_f1s))]
 
+    def macro_f1(self, examples: Sequence[EmotionExample]) -> float:
+        """The teacher's macro-F1 over the dominant emotions of ``examples``: the n-gram baseline, in the student's own run."""
+        predicted = self.model.predict(self.vectorizer.transform([e.text for e in examples]))
+        return float(f1_score([e.dominant for e in examples], predicted, average="macro", zero_division=0))
+
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """(texts, 8) probabilities of each emotion being the dominant one."""
         return self.model.predict_proba(self.vectorizer.transform(list(texts)))

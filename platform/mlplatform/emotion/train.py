@@ -47,8 +47,8 @@ class EmotionConfig:
     """A WRIME TSV file to train on instead of the corpus (readers' average labels)."""
     target: Target = "single"
     """single (dominant emotion), multi (each emotion present) or intensity (0-3 regression)."""
-    epochs: int = pydantic.Field(30, ge=1)
-    """Passes over the training split (early stopping may end sooner)."""
+    epochs: int = pydantic.Field(6, ge=1)
+    """Passes over the training texts, the teacher-labelled ones included (early stopping may end sooner); with teacher=none, about 30."""
     batch_size: int = pydantic.Field(32, ge=1)
     """Texts per batch on each worker."""
     learning_rate: float = pydantic.Field(1e-3, gt=0.0)
@@ -129,6 +129,8 @@ class TrainingInputs:
     model: PortableFolder | str | None
     word_embeddings: np.ndarray | None = None
     """The default model's starting word embeddings (vocabulary x hidden_size), or None for BERT's random start."""
+    teacher_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The teacher's macro-F1 on each held-out split (``teacher_test_macro_f1``...), logged beside the student's."""
 
 
 def prepare_inputs(config: EmotionConfig) -> TrainingInputs:
@@ -146,9 +148,13 @@ def prepare_inputs(config: EmotionConfig) -> TrainingInputs:
     if config.model is None and config.word_vectors == "ginza":
         embeddings = initial_embeddings(loaded, train_texts, config.hidden_size, seed=config.seed)
     labelled = [e for e in examples if e.split in ("train", "dev")]
+    teacher_metrics = {}
     if config.teacher == "ngram":
-        labelled += NgramTeacher(labelled, seed=config.seed).label(load_unlabelled(config.unlabelled)[0])
-    return TrainingInputs(tuple(labelled), tokenizer, model, embeddings)
+        teacher = NgramTeacher(labelled, seed=config.seed)
+        labelled += teacher.label(load_unlabelled(config.unlabelled)[0])
+        held_out = {split: [e for e in examples if e.split == split] for split in ("dev", "test", "unseen")}
+        teacher_metrics = {f"teacher_{split}_macro_f1": teacher.macro_f1(chosen) for split, chosen in held_out.items() if chosen}
+    return TrainingInputs(tuple(labelled), tokenizer, model, embeddings, teacher_metrics)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

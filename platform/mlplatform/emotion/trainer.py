@@ -96,7 +96,8 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     started = time.perf_counter()
     connect_ray()
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    loop_config = {**config_to_dict(config), "inputs": prepare_inputs(config)}
+    inputs = prepare_inputs(config)
+    loop_config = {**config_to_dict(config), "inputs": inputs}
     if tracker is not None:
         tracker.log_params(config_to_dict(config))
         loop_config |= {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}
@@ -120,7 +121,7 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     test = score_checkpoint(best, config, split="test")
     best_epoch = int(best_metrics["epoch"])
     if tracker is not None:
-        tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, step=best_epoch)
+        tracker.log_metrics({f"test_{k}": v for k, v in test.items()} | inputs.teacher_metrics, step=best_epoch)
         tracker.log_artifact(best, artifact_path="model")
         log_training_figures(tracker, result.metrics_dataframe, best, config)
     dev = {k.removeprefix("dev_"): v for k, v in best_metrics.items() if k.startswith("dev_")}

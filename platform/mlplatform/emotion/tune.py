@@ -142,7 +142,8 @@ def tune_emotion(
     output = storage.resolve(str(output_dir))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     resources = {"cpu": config.cpus_per_worker, "gpu": gpus}
-    trainable = tune.with_resources(tune.with_parameters(_tune_trial, inputs=prepare_inputs(config)), resources)
+    inputs = prepare_inputs(config)
+    trainable = tune.with_resources(tune.with_parameters(_tune_trial, inputs=inputs), resources)
     if resume is not None:
         name, tuner = resume, tune.Tuner.restore(storage.join(output, resume), trainable, resume_errored=True)
     else:
@@ -158,7 +159,7 @@ def tune_emotion(
         if resume is None:
             tracker.log_params({f"best_{k}": v for k, v in searched.items()})
         tracker.log_metrics({"best_dev_macro_f1": best.metrics["best_dev_macro_f1"], "trials_stopped_early": stopped,
-                             **{f"test_{k}": v for k, v in test.items()}}, step=0)
+                             **{f"test_{k}": v for k, v in test.items()}, **inputs.teacher_metrics}, step=0)
         tracker.log_artifact(folder, artifact_path="model")
         log_training_figures(tracker, best.metrics_dataframe, folder, config)
     return StudyResult(searched, best.metrics["best_dev_macro_f1"], test, folder, len(results), stopped, time.perf_counter() - started)
