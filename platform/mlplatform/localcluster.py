@@ -214,9 +214,13 @@ def wait_for_nodes(state: ClusterState, count: int, timeout_s: float, *,
     """
     from ray.util.state import list_nodes
 
+    def alive_nodes() -> int:  # the dead nodes a lost node leaves behind stay listed: not a truncated answer
+        return len(list_nodes(address=state.urls["dashboard"], filters=[("state", "=", "ALIVE")], limit=10_000,
+                              raise_on_missing_output=False))
+
     deadline = time.monotonic() + timeout_s
     starts = dict.fromkeys(state.nodes, 1)
-    while (alive := len(list_nodes(address=state.urls["dashboard"], filters=[("state", "=", "ALIVE")]))) < count:
+    while (alive := alive_nodes()) < count:
         for name in ("ray", *(f"ray-{node}" for node in state.nodes)):
             process = state.process(name)
             if process.alive():
