@@ -59,7 +59,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 def config_class(path: Path):
     from mlplatform.emotion.train import EmotionConfig
-    from mlplatform.federated.simulation import FederatedConfig
+    from mlplatform.federated.config import FederatedConfig
     from mlplatform.rl.apex.config import ApexConfig
 
     if path.name.startswith("emotion"):

@@ -10,7 +10,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from mlplatform.config import load_config, parse_overrides
 from mlplatform.emotion.train import EmotionConfig
-from mlplatform.federated.simulation import FederatedConfig
+from mlplatform.federated.config import FederatedConfig
 from mlplatform.rl.apex.config import ApexConfig
 from mlplatform.stack import StackConfig, StackState, down, pipeline, serve_app_config
 

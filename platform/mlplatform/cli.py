@@ -203,11 +203,13 @@ def train_federated_command(
 
     Connects to the cluster in RAY_ADDRESS (as under `ray job submit`), else starts a local one.
     """
+    from mlplatform.federated.config import FederatedConfig
+
+    run_config = load_run_config(FederatedConfig, config, set_, seed=seed, rounds=rounds)  # before torch and Ray load
     from mlplatform.emotion.tokenizer import TokenizerSetupError
-    from mlplatform.federated.simulation import FederatedConfig, run_federated
+    from mlplatform.federated.simulation import run_federated
     from mlplatform.mlops.registry import RegistryError
 
-    run_config = load_run_config(FederatedConfig, config, set_, seed=seed, rounds=rounds)
     privacy = "dp" if run_config.dp else "nodp"
     result, tracker = run_tracked(
         lambda tracker: run_federated(run_config, tracker, progress=progress),

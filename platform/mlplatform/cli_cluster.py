@@ -29,11 +29,11 @@ def up_command(config: ConfigOption = None, set_: SetOption = None) -> None:
 
     Run it from the repository root; `mlplatform down` stops it all.
     """
-    from mlplatform.mlops.tracking import TrackingError
     from mlplatform.services import ServiceError
     from mlplatform.stack import StackConfig, StackState, summary, up
 
     stack_config = load_run_config(StackConfig, config, set_)
+    from mlplatform.mlops.tracking import TrackingError  # after the settings are checked: MLflow takes seconds to import
     try:
         state = up(stack_config, typer.echo)
     except (ServiceError, TrackingError, ValueError, KeyboardInterrupt) as e:
@@ -58,10 +58,10 @@ def local_up_command(config: ConfigOption = None, set_: SetOption = None) -> Non
     environment, but not the driver's temporary folders, runs/, checkpoints/, MLflow stores or caches.
     """
     from mlplatform.localcluster import ClusterConfig, ClusterState, summary, up
-    from mlplatform.mlops.tracking import TrackingError
     from mlplatform.services import ServiceError
 
     cluster_config = load_run_config(ClusterConfig, config, set_)
+    from mlplatform.mlops.tracking import TrackingError  # after the settings are checked: MLflow takes seconds to import
     try:
         state = up(cluster_config, typer.echo)
     except (ServiceError, TrackingError, KeyboardInterrupt) as e:

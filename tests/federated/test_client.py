@@ -5,7 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from mlplatform.federated.client import ClientConfig, FederatedClient, RoundDeadline, flat_weights, load_flat_weights
+from mlplatform.federated.client import FederatedClient, RoundDeadline, flat_weights, load_flat_weights
+from mlplatform.federated.config import ClientConfig
 from mlplatform.federated.task import NgramTask
 
 

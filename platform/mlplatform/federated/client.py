@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
-
 import numpy as np
-import pydantic
 import torch
-from pydantic.dataclasses import dataclass
 
-from mlplatform.config import RUN_CONFIG
+from mlplatform.federated.config import ClientConfig
 from mlplatform.federated.strategy import FitResult
 from mlplatform.federated.task import FederatedTask
-
-
-@dataclass(config=RUN_CONFIG)
-class ClientConfig:
-    """How every client trains locally."""
-
-    local_epochs: int = pydantic.Field(1, ge=1)
-    """E: passes over the client's own data per round."""
-    batch_size: int = pydantic.Field(16, ge=1)
-    """Texts per local batch."""
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    """Local optimizer; a fresh one each round (client state does not persist between rounds)."""
-    learning_rate: float = pydantic.Field(5.0, gt=0.0)
-    """Local learning rate (5.0 suits SGD on the n-gram task's L2-normalised features; AdamW on BERT wants ~1e-3)."""
-    weight_decay: float = pydantic.Field(0.0, ge=0.0)
-    """Local weight decay."""
-    max_grad_norm: float | None = pydantic.Field(None, gt=0.0)
-    """Per-batch gradient clipping; None leaves gradients alone."""
 
 
 class RoundDeadline(Exception):

@@ -11,7 +11,8 @@ import psutil
 import ray
 from ray.actor import ActorHandle
 
-from mlplatform.federated.client import ClientConfig, FederatedClient, RoundDeadline
+from mlplatform.federated.client import FederatedClient, RoundDeadline
+from mlplatform.federated.config import ClientConfig
 from mlplatform.federated.strategy import Failure, FitResult
 from mlplatform.federated.task import FederatedTask
 

@@ -28,10 +28,9 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -42,7 +41,9 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from mlplatform.mlops.figures import learning_curves_figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 __all__ = [
     "ExperimentTracker", "TrackingError", "default_tracking_uri", "open_client", "tracking_env_vars", "translated_errors",
@@ -268,6 +269,8 @@ class ExperimentTracker:
             ValueError: ``steps`` and ``values`` differ in length.
             TrackingError: the artifact store cannot be written.
         """
+        from mlplatform.mlops.figures import learning_curves_figure  # matplotlib and scikit-learn: seconds a registry call does not need
+
         figure = learning_curves_figure(steps, {ylabel or name: values}, title=name, xlabel=xlabel)
         return self.log_figure(figure, f"{artifact_path}/{name}.png")
 
