@@ -99,7 +99,7 @@ def main() -> None:
     os.environ["MLPLATFORM_HOME"] = home.name
     settings = EmotionConfig(epochs=flags.epochs)
     with stdout_to_stderr():  # the WordPiece trainer's progress bar writes newlines to stdout
-        tokenizer = load_tokenizer(local_path(prepare_inputs(settings).tokenizer))
+        tokenizer = load_tokenizer(local_path(prepare_inputs(settings)[0].tokenizer))
     train = [e for e in load_corpus() if e.split == "train"]
     dataset = EmotionDataset(train, tokenizer, target=settings.target, max_length=settings.max_length)
     per_batch = EmotionCollator(tokenizer.pad_token_id)

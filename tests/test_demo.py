@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 QUICK = {  # the default pipeline, cut to a couple of minutes; the services and models are the defaults
     "apex": {"total_steps": 2000, "learning_starts": 500, "eval_every": 1500, "stop_at_return": None},
-    "tune": {"epochs": 2, "corpus": str(REPO / "tests/emotion/data/forty-writers"), "teacher": "none"}, "tune_samples": 2, "tune_grace_period": 1,
+    "tune": {"epochs": 2, "corpus": str(REPO / "tests/emotion/data/forty-writers"), "teacher": "none", "cpus_per_worker": 1},
+    "tune_samples": 2, "tune_grace_period": 1,
     "federated": {"rounds": 2, "corpus": str(REPO / "tests/emotion/data/forty-writers")},
 }
 PORTS = ("ray_port", "dashboard_port", "client_port", "metrics_port", "mlflow_port", "prometheus_port", "serve_port")

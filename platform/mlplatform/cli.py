@@ -264,6 +264,7 @@ def tune_emotion_command(
         typer.echo(f"resumed study {previous['name']}")
     typer.echo(f"{study.trials} trials, {study.stopped_early} stopped early by ASHA; best dev macro-F1 "
                f"{study.best_dev_macro_f1:.3f} with {study.best_config}")
+    typer.echo(f"test {', '.join(f'{k} {v:.3f}' for k, v in study.test_metrics.items())}; {study.seconds:.0f}s")
     typer.echo(f"model: {study.checkpoint}")
     if tracker is not None:
         typer.echo(tracker.ui_hint())

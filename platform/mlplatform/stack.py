@@ -54,8 +54,8 @@ class StackConfig(ClusterConfig):
     """Fields set on top of apex_config."""
     tune_config: str = "jobs/configs/emotion_tune.yaml"
     """Emotion Tune search base config."""
-    tune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 4})
-    """Fields set on top of tune_config: a short search by default (an epoch is the labelled texts and the teacher-labelled unlabelled corpus)."""
+    tune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 4, "cpus_per_worker": 1})
+    """Fields set on top of tune_config: a short search by default (an epoch is the labelled texts and the teacher-labelled unlabelled corpus), its trials side by side on one CPU each."""
     tune_samples: int = pydantic.Field(2, ge=1)
     """Trials of the emotion search."""
     tune_grace_period: int = pydantic.Field(2, ge=1)

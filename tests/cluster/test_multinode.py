@@ -142,7 +142,8 @@ def metric_steps(run_id: str, key: str, tracking_uri: str) -> list[int]:
 
 def test_ray_train_on_two_nodes_resumes_after_losing_one_and_keeps_one_run(cluster):
     epochs = 6
-    submission = cluster.submit("python", "jobs/train_emotion.py", "--set", "num_workers=2", "--set", "placement_strategy=SPREAD",
+    submission = cluster.submit("python", "jobs/train_emotion.py", "--set", "num_workers=2", "--set", "cpus_per_worker=1",
+                                "--set", "placement_strategy=SPREAD",
                                 "--set", f"epochs={epochs}", "--set", f"patience={epochs}", *TINY_EMOTION)
     run_id = wait_for(lambda: (job_runs(submission, cluster.tracking_uri) or [None])[0], "the training's MLflow run")
     # rank 0 logs an epoch before Ray Train has the checkpoints of both ranks: a few epochs in, one is registered
@@ -274,7 +275,8 @@ def register_untrained_emotion(name: str, folder: Path, tracking_uri: str) -> No
     from mlplatform.emotion.tokenizer import default_tokenizer
     from mlplatform.mlops.tracking import ExperimentTracker
 
-    tokenizer = default_tokenizer([e.text for e in load_corpus() if e.split == "train"], vocab_size=2000)
+    forty_writers = load_corpus(REPO / "tests/emotion/data/forty-writers")
+    tokenizer = default_tokenizer([e.text for e in forty_writers if e.split == "train"], vocab_size=2000)
     EmotionClassifier.from_config(tokenizer, hidden_size=32, num_layers=1, num_heads=2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     with ExperimentTracker("serving-multinode", tracking_uri=tracking_uri) as tracker:

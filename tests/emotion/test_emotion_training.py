@@ -40,7 +40,7 @@ def test_learning_rate_warms_up_to_the_peak_then_falls_linearly_per_batch():
 def test_the_loop_steps_the_schedule_once_per_batch():
     config = EmotionConfig(**TINY, epochs=2, learning_rate=1e-3, warmup_ratio=0.25)
     reports = []
-    train_emotion_model(config_to_dict(config), inputs=prepare_inputs(config),
+    train_emotion_model(config_to_dict(config), inputs=prepare_inputs(config)[0],
                         report=lambda metrics, checkpoint_dir: reports.append(metrics))
     batches_per_epoch = math.ceil(16 / 8)  # the mini corpus has 16 training texts
     total, warmup = 2 * batches_per_epoch, math.ceil(0.25 * 2 * batches_per_epoch)
@@ -51,7 +51,7 @@ def test_the_loop_steps_the_schedule_once_per_batch():
 
 def test_rank_zero_prints_progress_within_and_at_the_end_of_each_epoch(capsys):
     config = EmotionConfig(**TINY, epochs=2, progress_interval_s=1e-9)  # every batch is past the interval
-    inputs = prepare_inputs(config)
+    inputs, _ = prepare_inputs(config)
     train_emotion_model(config_to_dict(config), inputs=inputs, report=lambda metrics, checkpoint_dir: None)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert [line.split(" · ")[:2] for line in lines] == [  # 2 batches per epoch: one line mid-epoch, one closing it
@@ -69,7 +69,7 @@ def test_rank_zero_prints_progress_within_and_at_the_end_of_each_epoch(capsys):
 def test_a_run_resumed_from_a_checkpoint_ends_as_the_unbroken_run(tmp_path):
     """What a restart after a lost node relies on: optimizer, schedule, epoch, best score and RNG all come back."""
     config = EmotionConfig(**TINY, epochs=4, dropout=0.2)
-    inputs = prepare_inputs(config)
+    inputs, _ = prepare_inputs(config)
 
     def keeping(kept: list) -> object:
         def report(metrics, checkpoint_dir):

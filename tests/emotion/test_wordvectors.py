@@ -58,6 +58,6 @@ def test_known_tokens_start_at_their_vectors_projected_and_the_rest_at_random(ve
 def test_the_default_model_gets_them_and_word_vectors_none_does_not(tmp_path, monkeypatch):
     monkeypatch.setenv("MLPLATFORM_HOME", str(tmp_path))
     tiny = {"corpus": MINI, "teacher": "none", "hidden_size": 32, "num_heads": 2, "vocab_size": 300}
-    inputs = prepare_inputs(EmotionConfig(**tiny))
+    inputs, _ = prepare_inputs(EmotionConfig(**tiny))
     assert inputs.word_embeddings is not None and inputs.word_embeddings.shape[1] == 32
-    assert prepare_inputs(EmotionConfig(**tiny, word_vectors="none")).word_embeddings is None
+    assert prepare_inputs(EmotionConfig(**tiny, word_vectors="none"))[0].word_embeddings is None

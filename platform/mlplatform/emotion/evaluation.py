@@ -27,6 +27,13 @@ def collect_outputs(
     return np.concatenate(scores), truth, float(np.sum(losses) / len(truth))
 
 
+def dominant_metrics(scores: np.ndarray, dominant: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 of the strongest score of each row against the dominant emotions."""
+    predicted = scores.argmax(axis=1)
+    return {"accuracy": float((predicted == dominant).mean()),
+            "macro_f1": float(f1_score(dominant, predicted, average="macro", zero_division=0))}
+
+
 def evaluate(model: EmotionClassifier, loader: torch.utils.data.DataLoader, device: torch.device) -> dict[str, float]:
     """Accuracy and macro-F1 of the dominant emotion (plus MAE for intensity) over a loader."""
     predicted, truth, loss = collect_outputs(model, loader, device)
@@ -36,10 +43,7 @@ def evaluate(model: EmotionClassifier, loader: torch.utils.data.DataLoader, devi
         metrics |= {"accuracy": float((present == truth.astype(bool)).all(axis=1).mean()),
                     "macro_f1": float(f1_score(truth, present, average="macro", zero_division=0))}
     else:
-        dominant_true = truth if truth.ndim == 1 else truth.argmax(axis=1)
-        dominant_pred = predicted.argmax(axis=1)
-        metrics |= {"accuracy": float((dominant_pred == dominant_true).mean()),
-                    "macro_f1": float(f1_score(dominant_true, dominant_pred, average="macro", zero_division=0))}
+        metrics |= dominant_metrics(predicted, truth if truth.ndim == 1 else truth.argmax(axis=1))
         if model.target == "intensity":
             metrics["mae"] = float(mean_absolute_error(truth, predicted))
     return metrics

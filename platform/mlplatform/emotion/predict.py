@@ -7,11 +7,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mlplatform.emotion.data import EmotionCollator, truncate
 from mlplatform.emotion.labels import EMOTIONS
 from mlplatform.emotion.model import EmotionClassifier
+from mlplatform.emotion.teacher import NgramTeacher
 from mlplatform.emotion.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ class EmotionPrediction:
 
 class EmotionPredictor:
     """Loads a model folder written by training (weights, config and tokenizer together).
+
+    A folder that also holds the n-gram teacher (the default model's) answers with the two models'
+    probabilities averaged, the teacher's weighted by the vote share saved with it.
 
     Args:
         folder: the model folder.
@@ -44,10 +49,23 @@ class EmotionPredictor:
         self.classifier = EmotionClassifier.from_pretrained(folder).eval()
         self.max_length = max_length
         self.collate = EmotionCollator(self.tokenizer.pad_token_id)
+        saved = NgramTeacher.load(folder) if self.classifier.target == "single" else None
+        self.teacher, self.teacher_share = saved if saved else (None, 0.0)
 
-    @torch.no_grad()
     def predict(self, texts: Sequence[str]) -> list[EmotionPrediction]:
         """Scores for each text, in the order given.
+
+        Raises:
+            ValueError: a text is empty.
+        """
+        return [
+            EmotionPrediction(EMOTIONS[int(row.argmax())], {e: float(v) for e, v in zip(EMOTIONS, row)})
+            for row in self.scores(texts)
+        ]
+
+    @torch.no_grad()
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        """(texts, 8) scores, what :meth:`predict` answers.
 
         Raises:
             ValueError: a text is empty.
@@ -61,8 +79,7 @@ class EmotionPredictor:
             log.warning("texts longer than %d tokens were truncated (longest: %d)", self.max_length, longest)
         batch = self.collate([{"input_ids": truncate(ids, self.max_length), "labels": 0} for ids in encoded])
         logits = self.classifier(batch["input_ids"], batch["attention_mask"]).logits
-        scores = self.classifier.scores(logits).numpy()
-        return [
-            EmotionPrediction(EMOTIONS[int(row.argmax())], {e: float(v) for e, v in zip(EMOTIONS, row)})
-            for row in scores
-        ]
+        scores = self.classifier.scores(logits.float()).numpy()
+        if self.teacher is None:
+            return scores
+        return (1.0 - self.teacher_share) * scores + self.teacher_share * self.teacher.probabilities(texts)

@@ -7,6 +7,7 @@ go through the same code: ``load_tokenizer("cl-tohoku/bert-base-japanese-v3")`` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,11 +42,17 @@ def preflight_mecab() -> None:
         ) from None
 
 
-def word_split(texts: Iterable[str]) -> list[list[str]]:
-    """MeCab words of each text, normalised (NFKC) exactly as BertJapaneseTokenizer does it."""
+@functools.cache
+def _mecab():
+    """One MeCab per process: starting it reads the dictionary, too slow to repeat per request."""
     from transformers.models.bert_japanese.tokenization_bert_japanese import MecabTokenizer
 
-    mecab = MecabTokenizer(mecab_dic="unidic_lite")
+    return MecabTokenizer(mecab_dic="unidic_lite")
+
+
+def word_split(texts: Iterable[str]) -> list[list[str]]:
+    """MeCab words of each text, normalised (NFKC) exactly as BertJapaneseTokenizer does it."""
+    mecab = _mecab()
     return [mecab.tokenize(text) for text in texts]
 
 

@@ -8,15 +8,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import config_to_dict
 from mlplatform.emotion.data import EmotionCollator, EmotionDataset
-from mlplatform.emotion.evaluation import collect_outputs, evaluate
+from mlplatform.emotion.evaluation import dominant_metrics, evaluate
 from mlplatform.emotion.labels import EMOTIONS
 from mlplatform.emotion.model import EmotionClassifier
+from mlplatform.emotion.predict import EmotionPredictor
+from mlplatform.emotion.teacher import NgramTeacher
 from mlplatform.emotion.tokenizer import load_tokenizer
 from mlplatform.emotion.train import (
     TRAINER_STATE, EmotionConfig, TrainingInputs, load_examples, log_resumed, prepare_inputs, train_emotion_model,
@@ -96,7 +99,7 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     started = time.perf_counter()
     connect_ray()
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    inputs = prepare_inputs(config)
+    inputs, teacher = prepare_inputs(config)
     loop_config = {**config_to_dict(config), "inputs": inputs}
     if tracker is not None:
         tracker.log_params(config_to_dict(config))
@@ -117,7 +120,7 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     )
     result = trainer.fit()
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["dev_macro_f1"])
-    best = best_model_folder(best_checkpoint, output, name)
+    best = best_model_folder(best_checkpoint, output, name, teacher=teacher, teacher_share=config.teacher_share)
     test = score_checkpoint(best, config, split="test")
     best_epoch = int(best_metrics["epoch"])
     if tracker is not None:
@@ -128,14 +131,17 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     return EmotionResult(best, dev, test, best_epoch, time.perf_counter() - started)
 
 
-def best_model_folder(checkpoint: Any, output: str, name: str) -> Path:
-    """The best checkpoint as a model folder on this machine, without its training state.
+def best_model_folder(checkpoint: Any, output: str, name: str, *, teacher: NgramTeacher | None = None,
+                      teacher_share: float = 0.0) -> Path:
+    """The best checkpoint as a model folder on this machine, without its training state, with the teacher that votes beside it.
 
     A local ``output`` gets it as ``<output>/best``; a storage URI's run is copied into this machine's cache.
     """
     folder = Path(output) / "best" if not storage.is_uri(output) else storage.cache_dir() / "runs" / name / "best"
     best = Path(checkpoint.to_directory(str(folder)))
     (best / TRAINER_STATE).unlink(missing_ok=True)
+    if teacher is not None and teacher_share > 0.0:
+        teacher.save(best, vote_share=teacher_share)
     return best
 
 
@@ -150,10 +156,22 @@ def _split_loader(folder: str | Path, config: EmotionConfig, split: str) -> tupl
     return classifier, torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=EmotionCollator(tokenizer.pad_token_id))
 
 
+def served_scores(folder: str | Path, loader: torch.utils.data.DataLoader) -> np.ndarray:
+    """The scores a saved model answers for a loader's texts, the teacher's vote included where the folder has one."""
+    return EmotionPredictor(folder).scores([e.text for e in loader.dataset.examples])
+
+
 def score_checkpoint(folder: str | Path, config: EmotionConfig, *, split: str = "test") -> dict[str, float]:
-    """Metrics of a saved model on one split of the config's data."""
+    """Metrics of a saved model on one split of the config's data: what it serves, and the student alone (``student_*``)."""
     loaded = _split_loader(folder, config, split)
-    return evaluate(*loaded, torch.device("cpu")) if loaded else {}
+    if not loaded:
+        return {}
+    classifier, loader = loaded
+    student = evaluate(classifier, loader, torch.device("cpu"))
+    if NgramTeacher.load(folder) is None:
+        return student
+    served = dominant_metrics(served_scores(folder, loader), np.array([e.dominant for e in loader.dataset.examples]))
+    return {"loss": student["loss"], **served, **{f"student_{k}": v for k, v in student.items() if k != "loss"}}
 
 
 def log_training_figures(tracker: Any, history: Any, folder: str | Path, config: EmotionConfig) -> None:
@@ -168,8 +186,8 @@ def log_training_figures(tracker: Any, history: Any, folder: str | Path, config:
         title="emotion: learning curves", xlabel="epoch"), "plots/learning_curves.png")
     loaded = _split_loader(folder, config, "test")
     if loaded:
-        classifier, loader = loaded
-        scores, _, _ = collect_outputs(classifier, loader, torch.device("cpu"))
+        _, loader = loaded
+        scores = served_scores(folder, loader)
         truth = [e.dominant for e in loader.dataset.examples]
         tracker.log_figure(confusion_matrix_figure(truth, scores.argmax(axis=1), EMOTIONS, title="emotion: test confusion matrix"),
                            "plots/confusion_matrix_test.png")

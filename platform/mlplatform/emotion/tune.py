@@ -142,7 +142,7 @@ def tune_emotion(
     output = storage.resolve(str(output_dir))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     resources = {"cpu": config.cpus_per_worker, "gpu": gpus}
-    inputs = prepare_inputs(config)
+    inputs, teacher = prepare_inputs(config)
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, inputs=inputs), resources)
     if resume is not None:
         name, tuner = resume, tune.Tuner.restore(storage.join(output, resume), trainable, resume_errored=True)
@@ -151,7 +151,8 @@ def tune_emotion(
         tuner = _new_study(config, tracker, trainable, name, output, num_samples, grace_period, max_concurrent_trials)
     results = tuner.fit()
     best = results.get_best_result(metric="best_dev_macro_f1", mode="max")
-    folder = best_model_folder(best.get_best_checkpoint("dev_macro_f1", "max"), output, name)
+    folder = best_model_folder(best.get_best_checkpoint("dev_macro_f1", "max"), output, name, teacher=teacher,
+                               teacher_share=config.teacher_share)
     test = score_checkpoint(folder, config, split="test")
     stopped = sum(r.metrics.get("epoch", 0) < config.epochs for r in results)
     searched = {k: best.config[k] for k in search_space()}
