@@ -82,16 +82,18 @@ def test_a_model_folder_with_its_teacher_answers_with_both_votes(tmp_path, monke
     tokenizer = default_tokenizer([e.text for e in examples if e.split == "train"], vocab_size=300)
     student = tmp_path / "student"
     torch.manual_seed(0)
-    EmotionClassifier.from_config(tokenizer, hidden_size=32, num_layers=1, num_heads=2).save_pretrained(student)
+    # 16 positions: the predictor must cut longer texts to the model's own length, whatever it is asked
+    EmotionClassifier.from_config(tokenizer, hidden_size=32, num_layers=1, num_heads=2, max_length=16).save_pretrained(student)
     tokenizer.save_pretrained(student)
     served = tmp_path / "served"
     shutil.copytree(student, served)
     teacher = NgramTeacher(examples)
     teacher.save(served, vote_share=0.7)
 
-    alone, both = EmotionPredictor(student).scores(UNLABELLED), EmotionPredictor(served).scores(UNLABELLED)
-    np.testing.assert_allclose(both, 0.3 * alone + 0.7 * teacher.probabilities(UNLABELLED), rtol=1e-5)
-    assert [p.label for p in EmotionPredictor(served).predict(UNLABELLED)] == [EMOTIONS[i] for i in both.argmax(axis=1)]
+    texts = UNLABELLED + ["".join(UNLABELLED) * 3]  # the last one far past 16 tokens
+    alone, both = EmotionPredictor(student).scores(texts), EmotionPredictor(served).scores(texts)
+    np.testing.assert_allclose(both, 0.3 * alone + 0.7 * teacher.probabilities(texts), rtol=1e-5)
+    assert [p.label for p in EmotionPredictor(served).predict(texts)] == [EMOTIONS[i] for i in both.argmax(axis=1)]
 
 
 def test_the_best_model_keeps_its_teacher_and_is_scored_as_it_is_served(tmp_path, monkeypatch):

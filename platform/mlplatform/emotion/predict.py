@@ -35,7 +35,7 @@ class EmotionPredictor:
 
     Args:
         folder: the model folder.
-        max_length: longer texts are truncated, with one warning per call that truncates.
+        max_length: longer texts are truncated (at most to the model's positions), with one warning per call that truncates.
 
     Raises:
         FileNotFoundError: the folder holds no model.
@@ -47,7 +47,8 @@ class EmotionPredictor:
             raise FileNotFoundError(f"no emotion model at {str(folder)!r}; train one with `mlplatform train emotion`")
         self.tokenizer = load_tokenizer(folder)
         self.classifier = EmotionClassifier.from_pretrained(folder).eval()
-        self.max_length = max_length
+        # never past the model's own positions: a model trained at max_length=64 has 64
+        self.max_length = min(max_length, self.classifier.model.config.max_position_embeddings)
         self.collate = EmotionCollator(self.tokenizer.pad_token_id)
         saved = NgramTeacher.load(folder) if self.classifier.target == "single" else None
         self.teacher, self.teacher_share = saved if saved else (None, 0.0)

@@ -156,9 +156,9 @@ def _split_loader(folder: str | Path, config: EmotionConfig, split: str) -> tupl
     return classifier, torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=EmotionCollator(tokenizer.pad_token_id))
 
 
-def served_scores(folder: str | Path, loader: torch.utils.data.DataLoader) -> np.ndarray:
+def served_scores(folder: str | Path, loader: torch.utils.data.DataLoader, config: EmotionConfig) -> np.ndarray:
     """The scores a saved model answers for a loader's texts, the teacher's vote included where the folder has one."""
-    return EmotionPredictor(folder).scores([e.text for e in loader.dataset.examples])
+    return EmotionPredictor(folder, max_length=config.max_length).scores([e.text for e in loader.dataset.examples])
 
 
 def score_checkpoint(folder: str | Path, config: EmotionConfig, *, split: str = "test") -> dict[str, float]:
@@ -170,7 +170,7 @@ def score_checkpoint(folder: str | Path, config: EmotionConfig, *, split: str = 
     student = evaluate(classifier, loader, torch.device("cpu"))
     if NgramTeacher.load(folder) is None:
         return student
-    served = dominant_metrics(served_scores(folder, loader), np.array([e.dominant for e in loader.dataset.examples]))
+    served = dominant_metrics(served_scores(folder, loader, config), np.array([e.dominant for e in loader.dataset.examples]))
     return {"loss": student["loss"], **served, **{f"student_{k}": v for k, v in student.items() if k != "loss"}}
 
 
@@ -187,7 +187,7 @@ def log_training_figures(tracker: Any, history: Any, folder: str | Path, config:
     loaded = _split_loader(folder, config, "test")
     if loaded:
         _, loader = loaded
-        scores = served_scores(folder, loader)
+        scores = served_scores(folder, loader, config)
         truth = [e.dominant for e in loader.dataset.examples]
         tracker.log_figure(confusion_matrix_figure(truth, scores.argmax(axis=1), EMOTIONS, title="emotion: test confusion matrix"),
                            "plots/confusion_matrix_test.png")
