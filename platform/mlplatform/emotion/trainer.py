@@ -156,11 +156,6 @@ def _split_loader(folder: str | Path, config: EmotionConfig, split: str) -> tupl
     return classifier, torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=EmotionCollator(tokenizer.pad_token_id))
 
 
-def served_scores(folder: str | Path, loader: torch.utils.data.DataLoader, config: EmotionConfig) -> np.ndarray:
-    """The scores a saved model answers for a loader's texts, the teacher's vote included where the folder has one."""
-    return EmotionPredictor(folder, max_length=config.max_length).scores([e.text for e in loader.dataset.examples])
-
-
 def score_checkpoint(folder: str | Path, config: EmotionConfig, *, split: str = "test") -> dict[str, float]:
     """Metrics of a saved model on one split of the config's data: what it serves, and the student alone (``student_*``)."""
     loaded = _split_loader(folder, config, split)
@@ -168,9 +163,11 @@ def score_checkpoint(folder: str | Path, config: EmotionConfig, *, split: str = 
         return {}
     classifier, loader = loaded
     student = evaluate(classifier, loader, torch.device("cpu"))
-    if NgramTeacher.load(folder) is None:
+    predictor = EmotionPredictor(folder, max_length=config.max_length)
+    if predictor.teacher is None:
         return student
-    served = dominant_metrics(served_scores(folder, loader, config), np.array([e.dominant for e in loader.dataset.examples]))
+    examples = loader.dataset.examples
+    served = dominant_metrics(predictor.scores([e.text for e in examples]), np.array([e.dominant for e in examples]))
     return {"loss": student["loss"], **served, **{f"student_{k}": v for k, v in student.items() if k != "loss"}}
 
 
@@ -184,10 +181,9 @@ def log_training_figures(tracker: Any, history: Any, folder: str | Path, config:
     tracker.log_figure(learning_curves_figure(
         epochs["epoch"].tolist(), {"train loss": epochs["train_loss"].tolist(), "dev macro-F1": epochs["dev_macro_f1"].tolist()},
         title="emotion: learning curves", xlabel="epoch"), "plots/learning_curves.png")
-    loaded = _split_loader(folder, config, "test")
-    if loaded:
-        _, loader = loaded
-        scores = served_scores(folder, loader, config)
-        truth = [e.dominant for e in loader.dataset.examples]
+    examples = [e for e in load_examples(config) if e.split == "test"]
+    if examples:  # what the model serves: with its teacher's vote where it has one
+        scores = EmotionPredictor(folder, max_length=config.max_length).scores([e.text for e in examples])
+        truth = [e.dominant for e in examples]
         tracker.log_figure(confusion_matrix_figure(truth, scores.argmax(axis=1), EMOTIONS, title="emotion: test confusion matrix"),
                            "plots/confusion_matrix_test.png")
