@@ -28,6 +28,7 @@ from scipy.sparse import hstack
 from scipy.special import softmax
 
 from mlplatform.emotion.data import EmotionExample
+from mlplatform.emotion.evaluation import dominant_metrics
 from mlplatform.emotion.labels import MAX_INTENSITY, NUM_EMOTIONS
 from mlplatform.emotion.tokenizer import word_split
 
@@ -100,8 +101,7 @@ class NgramTeacher:
 
     def macro_f1(self, examples: Sequence[EmotionExample]) -> float:
         """The teacher's macro-F1 over the dominant emotions of ``examples``: its own score, logged beside the student's."""
-        predicted = self.probabilities([e.text for e in examples]).argmax(axis=1)
-        return float(f1_score([e.dominant for e in examples], predicted, average="macro", zero_division=0))
+        return dominant_metrics(self.probabilities([e.text for e in examples]), np.array([e.dominant for e in examples]))["macro_f1"]
 
     def label(self, texts: Sequence[str]) -> list[EmotionExample]:
         """Each text as a train example whose intensities are the teacher's probabilities scaled to 0-3 (soft labels)."""
@@ -110,20 +110,20 @@ class NgramTeacher:
 
     def save(self, folder: str | Path, *, vote_share: float) -> None:
         """Write the teacher into a model folder, with the share of the vote its probabilities get beside the student's."""
-        names, tensors = TEACHER_FILES
+        json_file, tensor_file = TEACHER_FILES
         vocabularies = {name: {term: int(index) for term, index in v.vocabulary_.items()} for name, v in self.vectorizers.items()}
-        Path(folder, names).write_text(json.dumps({"vote_share": vote_share, "C": self.c, "vocabularies": vocabularies},
+        Path(folder, json_file).write_text(json.dumps({"vote_share": vote_share, "C": self.c, "vocabularies": vocabularies},
                                                   ensure_ascii=False), encoding="utf-8")
         save_file({"coef": self.coef, "intercept": self.intercept,
-                   **{f"idf_{name}": v.idf_.astype(np.float32) for name, v in self.vectorizers.items()}}, str(Path(folder, tensors)))
+                   **{f"idf_{name}": v.idf_.astype(np.float32) for name, v in self.vectorizers.items()}}, str(Path(folder, tensor_file)))
 
     @classmethod
     def load(cls, folder: str | Path) -> tuple[NgramTeacher, float] | None:
         """The teacher saved in a model folder and its vote share, or None when the folder holds none."""
-        names, tensors = (Path(folder, name) for name in TEACHER_FILES)
-        if not names.is_file():
+        json_file, tensor_file = (Path(folder, name) for name in TEACHER_FILES)
+        if not json_file.is_file():
             return None
-        saved, arrays = json.loads(names.read_text(encoding="utf-8")), load_file(str(tensors))
+        saved, arrays = json.loads(json_file.read_text(encoding="utf-8")), load_file(str(tensor_file))
         teacher = cls.__new__(cls)
         teacher.vectorizers = {name: _vectorizer(name, saved["vocabularies"][name]) for name in ANALYZERS}
         for name, vectorizer in teacher.vectorizers.items():
