@@ -5,6 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 import ray
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mlplatform.rl.apex.config import ApexConfig, apex_epsilons
 from mlplatform.rl.apex.learner import LearnerActor
@@ -21,12 +22,23 @@ def actor_id(actor: ActorHandle) -> str:
     return actor._actor_id.hex()
 
 
+def round_robin_node(index: int) -> NodeAffinitySchedulingStrategy:
+    """The ``index``-th alive node in turn, as a soft preference that moves on when it is full or gone.
+
+    Ray's ``SPREAD`` does not spread actors that reserve no CPU (replay shards, and workers at
+    ``worker_num_cpus=0``): they may all land on one node, which then takes the whole replay with it.
+    """
+    nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+    return NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True, _spill_on_unavailable=True)
+
+
 class Fleet:
     """The rollout workers, replay shards and learner of one run.
 
-    Workers and shards are spread over the cluster's nodes (``SPREAD``), so losing one node loses
-    only part of the experience and the replay; the learner goes where its CPUs and GPU fit. Every actor is named ``apex-<run>-<kind>-<index>.<generation>`` so operators (and the
-    fault tests) can find it; a replacement gets the next generation.
+    Workers and shards take the cluster's nodes in turn (`round_robin_node`; shard k one node on from
+    worker k), so losing one node loses only part of the experience and the replay; the learner goes
+    where its CPUs and GPU fit. Every actor is named ``apex-<run>-<kind>-<index>.<generation>`` so
+    operators (and the fault tests) can find it; a replacement gets the next generation.
 
     Args:
         config: the run config.
@@ -54,13 +66,15 @@ class Fleet:
         return f"apex-{self.tag}-{kind}-{index}.{self.generation[kind][index]}"
 
     def _start_worker(self, index: int) -> ActorHandle:
-        options = {"num_cpus": self.config.worker_num_cpus, "name": self._name("worker", index), "scheduling_strategy": "SPREAD"}
+        options = {"num_cpus": self.config.worker_num_cpus, "name": self._name("worker", index),
+                   "scheduling_strategy": round_robin_node(index)}
         return RolloutWorkerActor.options(**options).remote(
             self.config, index, self.epsilons[index], self.generation["worker"][index]
         )
 
     def _start_shard(self, index: int) -> ActorHandle:
-        return ReplayShardActor.options(num_cpus=0, name=self._name("shard", index), scheduling_strategy="SPREAD").remote(
+        placement = round_robin_node(index + 1)
+        return ReplayShardActor.options(num_cpus=0, name=self._name("shard", index), scheduling_strategy=placement).remote(
             self.config.buffer_size // self.config.num_shards,
             self.obs_space.shape,
             self.obs_space.dtype.str,
