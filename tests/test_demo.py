@@ -94,6 +94,14 @@ def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_pa
     for name in ("cartpole", "emotion", "emotion-dp"):
         champion = registry.get_model_version(name, "champion")
         assert champion.run_id in job_runs(state.jobs[name]["submission_id"], store)
+    # the base model read public writers only, and the DP model states its guarantee for the private ones
+    public = json.loads((REPO / "tests/emotion/data/forty-writers/writer_groups.json").read_text())["public"]
+    assert registry.get_model_version("emotion", "champion").tags["provenance.writers"] == ",".join(sorted(public))
+    private_model = registry.get_model_version("emotion-dp", "champion").tags
+    assert private_model["dp.guarantee"].endswith("-DP for each private writer") and "dp.not_covered" in private_model
+    audited = re.search(r"emotion-dp: privacy audit .*: ε ≥ ([\d.]+) measured .*, ([\d.]+) accounted", made.stdout)
+    assert audited and float(audited.group(1)) <= float(audited.group(2)), made.stdout[-3000:]
+    assert re.search(r"emotion-dp +v1 @champion +test/macro_f1 [\d.]+, test/start_macro_f1 [\d.]+, test_private/macro_f1", made.stdout)
 
     # the README's curl answers from the DP fine-tuned model, and every endpoint answers
     answered = fresh_shell(curl, user_home)

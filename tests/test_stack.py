@@ -37,6 +37,8 @@ def test_the_pipeline_trains_on_the_shipped_configs_with_the_overrides_given(tmp
     federated_config = config_of(federated, FederatedConfig)
     assert federated_config.model == "models:/emotion@champion"  # starts from what the search registered
     assert (federated_config.dp, federated_config.partition, federated_config.rounds) == (True, "writer", 3)
+    # the base model learns from public writers only; DP fine-tuning runs over the private ones
+    assert (config_of(tune, EmotionConfig).writers, federated_config.writers) == ("public", "private")
     assert [job.model_name for job in (apex, tune, federated)] == ["cartpole", "emotion", "emotion-dp"]
     assert tune.arguments[tune.arguments.index("--output-dir") + 1] == str(tmp_path / "emotion-tune")
 

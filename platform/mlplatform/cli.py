@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from mlplatform.cli_audit import audit_app
 from mlplatform.cli_cluster import cluster_app, down_command, up_command
 from mlplatform.cli_options import ConfigOption, SetOption, fail, load_run_config
 from mlplatform.config import ConfigError
@@ -38,6 +39,7 @@ app.add_typer(models_app, name="models")
 jobs_app = typer.Typer(help="Ray jobs on a cluster (Ray's Job SDK): submit, status, logs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(audit_app, name="audit")
 app.command("up")(up_command)
 app.command("down")(down_command)
 
@@ -217,7 +219,7 @@ def train_federated_command(
         run_name=f"{run_config.task}__{run_config.strategy}__{privacy}__{run_config.seed}__{int(time.time())}",
         user_errors=(ConfigError, TokenizerSetupError, FileNotFoundError, RegistryError),
     )
-    last = result.history[-1] if result.history else None
+    last = result.history[-1] if result.history and result.epsilon is None else None  # under DP, client counts stay private
     typer.echo(f"{result.rounds} rounds in {result.seconds:.1f}s; test accuracy {result.test_metrics['accuracy']:.3f}, "
                f"macro-F1 {result.test_metrics['macro_f1']:.3f}"
                + (f"; last round used {last.used} of {last.sampled} sampled clients" if last else ""))
@@ -225,6 +227,10 @@ def train_federated_command(
         stop = " (stopped: the next round would pass the target)" if result.stopped_by_budget else ""
         typer.echo(f"privacy: (ε = {result.epsilon:.3f}, δ = {run_config.delta:g}) with noise multiplier "
                    f"{result.noise_multiplier:.3f}, {run_config.accountant.upper()} accountant{stop}")
+    if result.private_test_metrics:
+        typer.echo(f"private writers' test (a measurement outside any guarantee): macro-F1 "
+                   f"{result.private_test_metrics['macro_f1']:.3f}, from {result.private_test_metrics['start_macro_f1']:.3f} "
+                   f"at the start; public test from {result.test_metrics['start_macro_f1']:.3f}")
     typer.echo(f"model: {result.model_dir}")
     if tracker is not None:
         typer.echo(tracker.ui_hint())

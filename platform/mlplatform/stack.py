@@ -134,13 +134,15 @@ def pipeline(config: StackConfig, home: Path) -> list[PipelineJob]:
         PipelineJob(config.emotion_name, "jobs/tune_emotion.py",
                     ["--config", config.tune_config, "--num-samples", str(config.tune_samples),
                      "--grace-period", str(config.tune_grace_period), "--output-dir", tune_output,
-                     *settings(config.tune)],
+                     *settings({"writers": "public", **config.tune})],  # so that DP fine-tuning protects the private
                     "emotion classifier, best of a Tune search", ("test_macro_f1", "teacher_test_macro_f1")),
         PipelineJob(config.private_name, "jobs/train_federated.py",
                     ["--config", config.federated_config, "--no-progress",
                      *settings({"model": f"models:/{config.emotion_name}@{config.alias}",
                                 "output_dir": str(home / "emotion-dp"), **config.federated})],
-                    "emotion classifier fine-tuned by writer with DP-FedAvg", ("test/macro_f1", "privacy/epsilon")),
+                    "emotion classifier fine-tuned by writer with DP-FedAvg",
+                    ("test/macro_f1", "test/start_macro_f1", "test_private/macro_f1", "test_private/start_macro_f1",
+                     "privacy/epsilon")),
     ]
 
 
@@ -168,6 +170,7 @@ def up(config: StackConfig, echo: Echo) -> StackState:
     env_vars = {**tracking_env_vars(), **state.env}
     for job in pipeline(config, home):
         _run_and_register(client, job, env_vars, config, state, echo)
+    _audit_privacy(config, echo)
     _deploy_serve(state, config, state.env["MLFLOW_TRACKING_URI"], echo)
     echo(f"up in {time.monotonic() - started:.0f}s")
     return state
@@ -250,6 +253,18 @@ def _run_and_register(client: Any, job: PipelineJob, env_vars: dict[str, str], c
     state.models[job.model_name] = f"v{version.version} @{config.alias}  {shown}  (run {version.run_id})"
     state.save()
     echo(f"{job.model_name}: registered v{version.version} @{config.alias}")
+
+
+def _audit_privacy(config: StackConfig, echo: Echo) -> None:
+    """Measure a lower bound on the DP job's ε per round (`mlplatform audit dp`) and show it beside the accounted one."""
+    from mlplatform.config import load_config
+    from mlplatform.federated.audit import audit_config
+    from mlplatform.federated.config import FederatedConfig
+
+    _, result = audit_config(load_config(FederatedConfig, config.federated_config, config.federated))
+    echo(f"{config.private_name}: privacy audit of its DP-FedAvg round: ε ≥ {result.epsilon_lower_bound:.2f} measured "
+         f"({result.trials:,} rounds with and without a canary writer), {result.epsilon_accounted:.2f} accounted"
+         + (": VIOLATION" if result.violation else ""))
 
 
 def serve_app_config(config: StackConfig, tracking_uri: str) -> dict[str, Any]:

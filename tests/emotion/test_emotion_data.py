@@ -163,3 +163,33 @@ def test_a_test_sentence_reworded_from_a_training_one_is_refused_while_rewording
     (tmp_path / "b.jsonl").write_text(line.format(reworded, "test") + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"b\.jsonl:1: nearly the same text as .*a\.jsonl:1 \(5-gram Jaccard 0\.\d+\) in split train"):
         load_corpus(tmp_path)
+
+
+def test_the_bundled_writers_split_into_public_and_private_groups_that_share_no_writer():
+    from mlplatform.emotion.writers import load_writer_groups, select_writers
+
+    corpus = load_corpus()
+    groups = load_writer_groups()
+    assert set(groups) == {e.writer for e in corpus}  # every writer in exactly one group
+    public, private = select_writers(corpus, None, "public"), select_writers(corpus, None, "private")
+    assert len(public) + len(private) == len(corpus) and not {e.writer for e in public} & {e.writer for e in private}
+    counts = Counter((groups[e.writer], e.split) for e in corpus)
+    assert len({e.writer for e in private}) == 73 and counts["private", "train"] >= 1900 and counts["public", "train"] >= 1800
+    assert counts["private", "unseen"] == 0  # the unseen-writer test is public: no model trains on it, any may be scored on it
+    assert {groups[e.writer] for e in private if e.split == "test"} == {"private"}  # the private held-out test
+
+
+def test_writer_groups_that_cannot_be_used_are_refused_by_name(tmp_path):
+    from mlplatform.emotion.writers import load_writer_groups, select_writers
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "嬉しい", "writer": "w1", "split": "train",
+                                                  "intensity": {"joy": 2}}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="writer_groups.json: missing"):
+        select_writers(load_corpus(tmp_path), tmp_path, "private")
+    assert len(select_writers(load_corpus(tmp_path), tmp_path, "all")) == 1  # no groups needed to train on everyone
+    (tmp_path / "writer_groups.json").write_text(json.dumps({"public": ["w1"], "private": ["w1"]}))
+    with pytest.raises(DataError, match="writers in both groups: w1"):
+        load_writer_groups(tmp_path)
+    (tmp_path / "writer_groups.json").write_text(json.dumps({"public": ["w2"], "private": []}))
+    with pytest.raises(DataError, match="writers in neither group of writer_groups.json: w1"):
+        select_writers(load_corpus(tmp_path), tmp_path, "public")

@@ -17,6 +17,7 @@ from mlplatform.emotion.teacher import TEACHER_C_GRID, TEACHER_FILES, UNLABELLED
 from mlplatform.emotion.tokenizer import default_tokenizer
 from mlplatform.emotion.train import EmotionConfig, prepare_inputs, train_emotion_model
 from mlplatform.emotion.trainer import best_model_folder, score_checkpoint
+from mlplatform.emotion.writers import load_provenance
 
 MINI = str(Path(__file__).parent / "data" / "mini.jsonl")
 UNLABELLED = ["今日は本当に嬉しい一日だった", "夜道で後ろから足音がして怖かった", "明日の旅行が待ち遠しい"]
@@ -108,14 +109,15 @@ def test_the_best_model_keeps_its_teacher_and_is_scored_as_it_is_served(tmp_path
     checkpoint = tmp_path / "checkpoint"
     train_emotion_model(config_to_dict(config), inputs=inputs,
                         report=lambda metrics, checkpoint_dir: shutil.copytree(checkpoint_dir, checkpoint, dirs_exist_ok=True))
-    served = best_model_folder(Checkpoint.from_directory(str(checkpoint)), str(tmp_path / "served"), "run", teacher=teacher,
-                               teacher_share=config.teacher_share)
+    served = best_model_folder(Checkpoint.from_directory(str(checkpoint)), str(tmp_path / "served"), "run",
+                               provenance=inputs.provenance, teacher=teacher, teacher_share=config.teacher_share)
     assert all((served / name).is_file() for name in TEACHER_FILES)
+    assert load_provenance(served)["writers"] == sorted({e.writer for e in inputs.examples if e.writer != UNLABELLED_WRITER})
     dev = [e for e in load_corpus(MINI) if e.split == "dev"]
     scored = score_checkpoint(served, config, split="dev")
     answered = EmotionPredictor(served).scores([e.text for e in dev])
     assert scored["macro_f1"] == dominant_metrics(answered, np.array([e.dominant for e in dev]))["macro_f1"]
     assert {"student_macro_f1", "student_accuracy"} <= set(scored)  # the BERT alone, beside what is served
-    student_only = best_model_folder(Checkpoint.from_directory(str(checkpoint)), str(tmp_path / "student"), "run", teacher=teacher,
-                                     teacher_share=0.0)
+    student_only = best_model_folder(Checkpoint.from_directory(str(checkpoint)), str(tmp_path / "student"), "run",
+                                     provenance=inputs.provenance, teacher=teacher, teacher_share=0.0)
     assert not (student_only / TEACHER_FILES[0]).exists() and "student_macro_f1" not in score_checkpoint(student_only, config, split="dev")

@@ -1,6 +1,8 @@
 """Federated runs on a real two-CPU Ray: virtual clients, non-IID accuracy, faults, DP and MLflow logging."""
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +11,15 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from mlplatform.config import load_config
+from mlplatform.config import ConfigError, load_config
+from mlplatform.emotion.data import load_corpus
 from mlplatform.emotion.model import EmotionClassifier
+from mlplatform.emotion.writers import load_provenance, provenance, save_provenance
 from mlplatform.federated.pool import ClientPool
 from mlplatform.federated.server import FederatedServer
 from mlplatform.federated.simulation import (
-    FederatedConfig, build_partitions, build_strategy, build_task, client_config, initial_weights, run_federated,
-    train_centralized,
+    FederatedConfig, build_partitions, build_strategy, build_task, client_config, guarantee_tags, initial_weights,
+    run_federated, train_centralized,
 )
 from mlplatform.mlops.registry import ModelRegistry, RegistrySource
 from mlplatform.mlops.tracking import ExperimentTracker
@@ -92,16 +96,37 @@ def test_a_killed_client_actor_is_replaced_and_its_clients_train_on_another(tmp_
 
 def test_dp_run_logs_epsilon_every_round_and_stops_before_the_target(tmp_path):
     db = f"sqlite:///{tmp_path}/m.db"
-    config = tiny(tmp_path, dp=True, noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.2, target_epsilon=3.0,
-                  rounds=100, eval_every=5)
+    config = tiny(tmp_path, dp=True, writers="private", noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.2,
+                  target_epsilon=3.0, rounds=100, eval_every=1, corrupt_rate=0.3)
     with ExperimentTracker("federated", tracking_uri=db) as tracker:
         result = run_federated(config, tracker, progress=False)
     assert result.stopped_by_budget and 0 < result.rounds < 100
     assert result.epsilon <= 3.0
     epsilons = [m.value for m in MlflowClient(db).get_metric_history(tracker.run_id, "privacy/epsilon")]
     assert len(epsilons) == result.rounds and epsilons == sorted(epsilons) and epsilons[-1] == result.epsilon
-    params = MlflowClient(db).get_run(tracker.run_id).data.params
+    run = MlflowClient(db).get_run(tracker.run_id)
+    params = run.data.params
     assert params["dp_accountant"] == "pld" and params["dp"] == "True" and params["dp_mechanism"] == "DP-FedAvg"
+    # only accounted releases: ε, the released update's norm, evaluation on public writers, the cluster's faults
+    assert {key.split("/")[0] for key in run.data.metrics} == {"privacy", "train", "eval", "test", "test_private", "faults"}
+    assert "train/loss" not in run.data.metrics and "num_clients_actual" not in params
+    assert all(np.isfinite(r.update_norm) for r in result.history)  # NaN clients (30%) count as zero updates
+    assert sum(r.rejected for r in result.history) == 0 and sum(r.used for r in result.history) > 0
+    assert run.data.tags["dp.guarantee"].startswith(f"(ε = {result.epsilon:.3f}, δ = 1e-05)-DP for each private writer")
+    assert "OS CSPRNG" in run.data.tags["dp.sampling"] and f"N = {config.num_clients}" in run.data.tags["dp.mechanism"]
+
+
+def test_dp_runs_use_private_writers_and_a_public_n():
+    examples = build_task(FederatedConfig(corpus=str(FORTY_WRITERS), writers="private")).examples
+    groups = json.loads((FORTY_WRITERS / "writer_groups.json").read_text())
+    by_split = {split: {e.writer for e in examples if e.split == split} for split in ("train", "dev", "test", "private_test")}
+    assert by_split["private_test"] <= by_split["train"] == set(groups["private"]) and len(by_split["private_test"]) >= 19
+    assert by_split["dev"] | by_split["test"] <= set(groups["public"])  # evaluation during training reads public writers
+    with pytest.raises(ConfigError, match="num_clients: the writer partition makes 20 clients, more than num_clients=10"):
+        run_federated(FederatedConfig(corpus=str(FORTY_WRITERS), writers="private", partition="writer", num_clients=10,
+                                      dp=True, noise_multiplier=1.0), progress=False)
+    with pytest.raises(ValueError, match="dp needs writers: private"):
+        FederatedConfig(dp=True, noise_multiplier=1.0)
 
 
 def test_the_emotion_model_federated_by_writer_under_dp(tmp_path, monkeypatch):
@@ -115,6 +140,18 @@ def test_the_emotion_model_federated_by_writer_under_dp(tmp_path, monkeypatch):
     start, _ = initial_weights(build_task(config), config.seed)
     changed = {name for name, value in start.state_dict().items() if not torch.equal(value, trained[name])}
     assert changed == {"model.classifier.weight", "model.classifier.bias"}  # only the head was federated
+    groups = json.loads((FORTY_WRITERS / "writer_groups.json").read_text())
+    assert load_provenance(tmp_path / "model")["writers"] == sorted(groups["public"])  # its vocabulary: public texts
+    # a starting model that read private writers is refused, unless the run gives up its guarantee
+    leaky = tmp_path / "leaky"
+    shutil.copytree(tmp_path / "model", leaky)
+    private = [e for e in load_corpus(FORTY_WRITERS) if e.writer in groups["private"][:3] and e.split == "train"]
+    save_provenance(leaky, provenance(private, FORTY_WRITERS))
+    with pytest.raises(ConfigError, match=r"learnt from 3 of the clients' writers \(w01, w03, w05\), so DP cannot protect"):
+        build_task(dataclasses.replace(config, model=str(leaky)))
+    accepted = dataclasses.replace(config, model=str(leaky), public_data_overlap="accept")
+    assert build_task(accepted).provenance["writers"] == ["w01", "w03", "w05"]
+    assert guarantee_tags(accepted, result)["dp.guarantee"].startswith("none")
     # a registered model fine-tunes further, with the tokenizer saved beside it, whatever vocabulary it was built with
     store = f"sqlite:///{tmp_path}/m.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)

@@ -28,6 +28,7 @@ from mlplatform.emotion.progress import ProgressLine
 from mlplatform.emotion.teacher import NgramTeacher
 from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
 from mlplatform.emotion.wordvectors import initial_embeddings
+from mlplatform.emotion.writers import WriterGroup, inherited_provenance, provenance, select_writers
 from mlplatform.storage import PortableFolder
 
 Reporter = Callable[..., None]
@@ -45,6 +46,8 @@ class EmotionConfig:
     """JSONL file or folder of labelled texts; None uses the bundled corpus."""
     wrime_tsv: str | None = None
     """A WRIME TSV file to train on instead of the corpus (readers' average labels)."""
+    writers: WriterGroup = "all"
+    """Whose texts train and score the model: all, or one group of the corpus' writer_groups.json (the demo trains on public, so that DP fine-tuning on private writers protects texts no earlier model read)."""
     target: Target = "single"
     """single (dominant emotion), multi (each emotion present) or intensity (0-3 regression)."""
     epochs: int = pydantic.Field(6, ge=1)
@@ -113,8 +116,9 @@ class EmotionConfig:
 
 
 def load_examples(config: EmotionConfig) -> list[EmotionExample]:
-    """The labelled texts the config points to."""
-    return load_wrime_tsv(config.wrime_tsv) if config.wrime_tsv else load_corpus(config.corpus)
+    """The labelled texts the config points to, of its writer group."""
+    examples = load_wrime_tsv(config.wrime_tsv) if config.wrime_tsv else load_corpus(config.corpus)
+    return select_writers(examples, config.wrime_tsv or config.corpus, config.writers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +137,8 @@ class TrainingInputs:
     """The default model's starting word embeddings (vocabulary x hidden_size), or None for BERT's random start."""
     teacher_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     """The teacher's macro-F1 on each held-out split (``teacher_test_macro_f1``...), logged beside the student's."""
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Whose labelled texts the model (and its vocabulary) learnt from, including what a given tokenizer or model had."""
 
 
 def prepare_inputs(config: EmotionConfig) -> tuple[TrainingInputs, NgramTeacher | None]:
@@ -151,13 +157,14 @@ def prepare_inputs(config: EmotionConfig) -> tuple[TrainingInputs, NgramTeacher 
     if config.model is None and config.word_vectors == "ginza":
         embeddings = initial_embeddings(loaded, train_texts, config.hidden_size, seed=config.seed)
     labelled = [e for e in examples if e.split in ("train", "dev")]
+    record = inherited_provenance(provenance(labelled, config.wrime_tsv or config.corpus), config.tokenizer, config.model)
     teacher_metrics, teacher = {}, None
     if config.teacher == "ngram":
         teacher = NgramTeacher(labelled, seed=config.seed)
         labelled += teacher.label(load_unlabelled(config.unlabelled)[0])
         held_out = {split: [e for e in examples if e.split == split] for split in ("dev", "test", "unseen")}
         teacher_metrics = {f"teacher_{split}_macro_f1": teacher.macro_f1(chosen) for split, chosen in held_out.items() if chosen}
-    return TrainingInputs(tuple(labelled), tokenizer, model, embeddings, teacher_metrics), teacher
+    return TrainingInputs(tuple(labelled), tokenizer, model, embeddings, teacher_metrics, record), teacher
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

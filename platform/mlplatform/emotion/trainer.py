@@ -21,6 +21,7 @@ from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.predict import EmotionPredictor
 from mlplatform.emotion.teacher import NgramTeacher
 from mlplatform.emotion.tokenizer import load_tokenizer
+from mlplatform.emotion.writers import provenance_tags, save_provenance
 from mlplatform.emotion.train import (
     TRAINER_STATE, EmotionConfig, TrainingInputs, load_examples, log_resumed, prepare_inputs, train_emotion_model,
 )
@@ -103,6 +104,7 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     loop_config = {**config_to_dict(config), "inputs": inputs}
     if tracker is not None:
         tracker.log_params(config_to_dict(config))
+        tracker.set_tags(provenance_tags(inputs.provenance))
         loop_config |= {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}
     name = f"emotion-{int(time.time())}"
     output = storage.resolve(str(output_dir))
@@ -120,7 +122,8 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     )
     result = trainer.fit()
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["dev_macro_f1"])
-    best = best_model_folder(best_checkpoint, output, name, teacher=teacher, teacher_share=config.teacher_share)
+    best = best_model_folder(best_checkpoint, output, name, provenance=inputs.provenance, teacher=teacher,
+                              teacher_share=config.teacher_share)
     test = score_checkpoint(best, config, split="test")
     best_epoch = int(best_metrics["epoch"])
     if tracker is not None:
@@ -131,9 +134,10 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     return EmotionResult(best, dev, test, best_epoch, time.perf_counter() - started)
 
 
-def best_model_folder(checkpoint: Any, output: str, name: str, *, teacher: NgramTeacher | None = None,
-                      teacher_share: float = 0.0) -> Path:
-    """The best checkpoint as a model folder on this machine, without its training state, with the teacher that votes beside it.
+def best_model_folder(checkpoint: Any, output: str, name: str, *, provenance: dict[str, Any],
+                      teacher: NgramTeacher | None = None, teacher_share: float = 0.0) -> Path:
+    """The best checkpoint as a model folder on this machine, without its training state, with the teacher that votes
+    beside it and the provenance of what it learnt from.
 
     A local ``output`` gets it as ``<output>/best``; a storage URI's run is copied into this machine's cache.
     """
@@ -142,6 +146,7 @@ def best_model_folder(checkpoint: Any, output: str, name: str, *, teacher: Ngram
     (best / TRAINER_STATE).unlink(missing_ok=True)
     if teacher is not None and teacher_share > 0.0:
         teacher.save(best, vote_share=teacher_share)
+    save_provenance(best, provenance)
     return best
 
 

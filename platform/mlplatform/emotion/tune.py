@@ -14,6 +14,7 @@ from mlplatform.cluster import connect_ray
 from mlplatform.config import ConfigError, config_to_dict
 from mlplatform.emotion.train import EmotionConfig, TrainingInputs, log_resumed, prepare_inputs, train_emotion_model
 from mlplatform.emotion.trainer import best_model_folder, log_training_figures, score_checkpoint
+from mlplatform.emotion.writers import provenance_tags
 
 STUDY_FILE = "mlplatform-study.json"
 """Beside Tune's own files in a study's folder: the study's MLflow parent run, so a resumed study keeps logging to it."""
@@ -151,8 +152,8 @@ def tune_emotion(
         tuner = _new_study(config, tracker, trainable, name, output, num_samples, grace_period, max_concurrent_trials)
     results = tuner.fit()
     best = results.get_best_result(metric="best_dev_macro_f1", mode="max")
-    folder = best_model_folder(best.get_best_checkpoint("dev_macro_f1", "max"), output, name, teacher=teacher,
-                               teacher_share=config.teacher_share)
+    folder = best_model_folder(best.get_best_checkpoint("dev_macro_f1", "max"), output, name,
+                               provenance=inputs.provenance, teacher=teacher, teacher_share=config.teacher_share)
     test = score_checkpoint(folder, config, split="test")
     stopped = sum(r.metrics.get("epoch", 0) < config.epochs for r in results)
     searched = {k: best.config[k] for k in search_space()}
@@ -161,6 +162,7 @@ def tune_emotion(
             tracker.log_params({f"best_{k}": v for k, v in searched.items()})
         tracker.log_metrics({"best_dev_macro_f1": best.metrics["best_dev_macro_f1"], "trials_stopped_early": stopped,
                              **{f"test_{k}": v for k, v in test.items()}, **inputs.teacher_metrics}, step=0)
+        tracker.set_tags(provenance_tags(inputs.provenance))
         tracker.log_artifact(folder, artifact_path="model")
         log_training_figures(tracker, best.metrics_dataframe, folder, config)
     return StudyResult(searched, best.metrics["best_dev_macro_f1"], test, folder, len(results), stopped, time.perf_counter() - started)

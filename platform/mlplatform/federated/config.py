@@ -36,6 +36,12 @@ class FederatedConfig(ClientConfig):
     """ngram: softmax regression on hashed character n-grams (tiny, fast); emotion: the BERT emotion classifier."""
     corpus: str | None = None
     """JSONL file or folder of labelled texts; None uses the bundled emotion corpus."""
+    writers: Literal["all", "private"] = "all"
+    """Whose texts the clients hold: all writers, or the private group of the corpus' writer_groups.json, whose
+    evaluation then uses the public writers' dev and test splits (a DP run needs private)."""
+    public_data_overlap: Literal["refuse", "accept"] = "refuse"
+    """dp: refuse a base model or tokenizer whose recorded provenance includes a client's writer; accept runs anyway,
+    tagged as giving no guarantee."""
     model: str | None = None
     """emotion task: the model to fine-tune: a folder, a hub name or a registry URI (models:/emotion@champion); None builds the small default BERT."""
     tokenizer: str | None = None
@@ -53,7 +59,8 @@ class FederatedConfig(ClientConfig):
     partition: Literal["iid", "dirichlet", "writer"] = "dirichlet"
     """How the training split is dealt to clients; writer gives each writer id its own client."""
     num_clients: int = pydantic.Field(100, ge=1)
-    """Virtual clients (iid and dirichlet; writer makes one per writer)."""
+    """Virtual clients (iid and dirichlet; writer makes one per writer); under dp also N, the public population size
+    of the denominator q·N, which the partition may not exceed."""
     alpha: float = pydantic.Field(0.5, gt=0.0)
     """Dirichlet concentration: small is skewed, large approaches IID."""
     rounds: int = pydantic.Field(50, ge=1)
@@ -101,7 +108,8 @@ class FederatedConfig(ClientConfig):
     eval_every: int = pydantic.Field(1, ge=1)
     """Rounds between evaluations on the dev split (the last round is always evaluated, on test too)."""
     seed: int = 0
-    """Seeds the partition, sampling, faults, local shuffling and the initial model."""
+    """Seeds the partition, sampling, faults, local shuffling and the initial model; under dp the sampling and the
+    noise come from the operating system's CSPRNG instead (the seed is public)."""
     output_dir: str = "runs/federated"
     """Folder for the final model, written by the driver (made absolute)."""
     experiment_name: str = "federated"
@@ -111,6 +119,11 @@ class FederatedConfig(ClientConfig):
     def _dp_has_noise(self) -> FederatedConfig:
         if self.dp and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("dp needs noise_multiplier or target_epsilon")
+        if self.dp and self.writers != "private":
+            raise ValueError("dp needs writers: private, so that the clients are the private writers and evaluation "
+                             "during training reads public writers only")
+        if self.dp and self.max_update_norm is not None:
+            raise ValueError("dp clips every update to clip_norm; max_update_norm would reject by a private statistic")
         if self.strategy == "fedprox" and self.optimizer == "sgd" and self.proximal_mu * self.learning_rate >= 2:
             # SGD on the proximal term alone multiplies the distance to the global model by (1 - lr·μ) each step
             raise ValueError(f"fedprox with sgd diverges when proximal_mu * learning_rate >= 2, got "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dp_accounting
 import numpy as np
@@ -16,7 +16,11 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from mlplatform.federated.aggregate import clip_to_norm
+from mlplatform.federated.randomness import SecretRandom
 from mlplatform.federated.strategy import Failure, FitResult, Strategy
+
+if TYPE_CHECKING:
+    from mlplatform.federated.config import FederatedConfig
 
 AccountantKind = Literal["pld", "rdp"]
 PLD_DISCRETIZATION = 1e-3
@@ -139,22 +143,26 @@ class DifferentialPrivacy(Strategy):
     std z·C on the sum, divided by the *expected* number of clients q·N.
 
     The denominator and the noise are fixed before the round starts, so they do not depend on who
-    replied: a sampled client that drops out, misses the deadline or is rejected changes the sum by at
-    most C, exactly like a client that was never sampled, and the (ε, δ) guarantee holds as accounted.
-    For the same reason every round is aggregated and accounted, even one with few or no replies
-    (a data-dependent "skip this round" would itself leak), and the inner strategy's aggregation rule
-    (example-weighted, median) is not used: it would change the sensitivity. The inner strategy still
-    supplies client settings (FedProx's ``proximal_mu``) and evaluation.
+    replied: a sampled client that drops out, misses the deadline or sends NaN (replaced by a zero
+    update before clipping) changes the sum by at most C, exactly like a client that was never
+    sampled, and the (ε, δ) guarantee holds as accounted. N is a public constant, never counted
+    from the data. For the same reason every round is aggregated and accounted, even one with few or
+    no replies (a data-dependent "skip this round" would itself leak), and the inner strategy's
+    aggregation rule (example-weighted, median) is not used: it would change the sensitivity. The
+    inner strategy still supplies client settings (FedProx's ``proximal_mu``) and evaluation.
+    Sampling and noise come from the operating system's CSPRNG, not from the run's seed, which is public.
 
     Args:
         inner: the strategy whose client settings and evaluation are kept.
         noise_multiplier: z, the noise std in units of the clipping norm.
         clip_norm: C, the largest L2 norm a client's update may have.
         sample_rate: q, each client's independent chance of being sampled in a round.
+        num_clients: N, the public population size: q·N is the denominator; a round with more clients is refused.
         delta: the δ at which ε is reported.
         target_epsilon: stop before a round would take ε past this; None runs every round.
         accountant: ``pld`` (default, tightest) or ``rdp``.
-        seed: seed of the noise; None (the default) draws it from the operating system, as a deployment must.
+        seed: None (the default) samples and noises from ``os.urandom``, as the guarantee needs; a seed makes
+            both reproducible for tests and voids the guarantee for anyone who knows it.
     """
 
     def __init__(
@@ -164,6 +172,7 @@ class DifferentialPrivacy(Strategy):
         noise_multiplier: float,
         clip_norm: float,
         sample_rate: float,
+        num_clients: int,
         delta: float = 1e-5,
         target_epsilon: float | None = None,
         accountant: AccountantKind = "pld",
@@ -173,6 +182,8 @@ class DifferentialPrivacy(Strategy):
             raise ValueError(f"need noise_multiplier >= 0 and clip_norm > 0, got {noise_multiplier} and {clip_norm}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got sample_rate={sample_rate}")
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got num_clients={num_clients}")
         if target_epsilon is not None and target_epsilon <= 0:
             raise ValueError(f"target_epsilon must be > 0, got target_epsilon={target_epsilon}")
         self.inner = inner
@@ -180,14 +191,14 @@ class DifferentialPrivacy(Strategy):
         self.clip_norm = clip_norm
         self.sample_rate = sample_rate
         self.target_epsilon = target_epsilon
+        self.num_clients = num_clients
         self.accountant = PrivacyAccountant(delta=delta, kind=accountant)
-        self._noise = np.random.default_rng(seed)
-        self._num_clients = 0
+        self._random: SecretRandom | np.random.Generator = SecretRandom() if seed is None else np.random.default_rng(seed)
         self.model_size: int | None = None  # set by the server, so that a round with no replies is still noised
 
     def expected_clients(self) -> float:
         """q·N, the fixed denominator of the noisy mean."""
-        return self.sample_rate * self._num_clients
+        return self.sample_rate * self.num_clients
 
     def budget_allows_round(self) -> bool:
         """Whether one more round keeps ε within ``target_epsilon``."""
@@ -197,21 +208,24 @@ class DifferentialPrivacy(Strategy):
             <= self.target_epsilon
 
     def configure_fit(self, server_round: int, num_clients: int, rng: np.random.Generator) -> list[int]:
-        """Poisson sampling: each client joins independently with probability q (the round may be empty)."""
-        self._num_clients = num_clients
-        return np.flatnonzero(rng.random(num_clients) < self.sample_rate).tolist()
+        """Poisson sampling from the secret source (``rng``, seeded in public, is not used): each client joins
+        independently with probability q (the round may be empty)."""
+        if num_clients > self.num_clients:
+            raise ValueError(f"{num_clients} clients exceed the public num_clients={self.num_clients} "
+                             f"that the denominator q·N assumes")
+        return np.flatnonzero(self._random.random(num_clients) < self.sample_rate).tolist()
 
     def fit_config(self, server_round: int) -> dict[str, float]:
         return self.inner.fit_config(server_round)
 
     def aggregate_fit(self, server_round: int, results: Sequence[FitResult], failures: Sequence[Failure]) -> np.ndarray:
-        if self._num_clients == 0:
-            raise RuntimeError("aggregate_fit before configure_fit: the expected client count is unknown")
+        """The clipped sum plus N(0, (z·C)²) noise, over q·N; a non-finite update counts as a zero one."""
         size = self._size_of(results)
         total = np.zeros(size, dtype=np.float64)
         for result in results:
-            total += clip_to_norm(result.delta, self.clip_norm)
-        total += self._noise.normal(0.0, self.noise_multiplier * self.clip_norm, size=size)
+            if np.isfinite(result.delta).all():
+                total += clip_to_norm(result.delta, self.clip_norm)
+        total += self._random.normal(0.0, self.noise_multiplier * self.clip_norm, size=size)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return (total / self.expected_clients()).astype(np.float32)
 
@@ -228,6 +242,18 @@ class DifferentialPrivacy(Strategy):
     def describe(self) -> dict[str, object]:
         return self.inner.describe() | {
             "dp_mechanism": "DP-FedAvg", "dp_noise_multiplier": self.noise_multiplier, "dp_clip_norm": self.clip_norm,
-            "dp_sample_rate": self.sample_rate, "dp_delta": self.accountant.delta, "dp_accountant": self.accountant.kind,
+            "dp_sample_rate": self.sample_rate, "dp_num_clients": self.num_clients, "dp_delta": self.accountant.delta,
+            "dp_accountant": self.accountant.kind,
             "dp_target_epsilon": self.target_epsilon,
         }
+
+
+def dp_from_config(config: FederatedConfig, inner: Strategy) -> DifferentialPrivacy:
+    """``inner`` wrapped in the config's DP-FedAvg, its noise multiplier calibrated to ``target_epsilon`` when not given."""
+    noise = config.noise_multiplier
+    if noise is None:
+        noise = noise_multiplier_for(target_epsilon=config.target_epsilon, delta=config.delta, rounds=config.rounds,
+                                     sample_rate=config.sample_rate, kind=config.accountant)
+    return DifferentialPrivacy(inner, noise_multiplier=noise, clip_norm=config.clip_norm, sample_rate=config.sample_rate,
+                               num_clients=config.num_clients, delta=config.delta, target_epsilon=config.target_epsilon,
+                               accountant=config.accountant)

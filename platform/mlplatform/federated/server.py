@@ -62,6 +62,8 @@ class RoundReport:
     errors: int
     retried: int
     """Clients whose actor died mid-round and that trained again on another actor."""
+    actors_replaced: int
+    """Client actors replaced so far (lost with their node or process): a fact of the cluster, not of the data."""
     aggregated: bool
     train_loss: float
     update_norm: float
@@ -71,18 +73,30 @@ class RoundReport:
     evaluation: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        """Flat, namespaced metrics for the tracker."""
+        """Flat, namespaced metrics for the tracker; under DP only what the guarantee covers (`released_metrics`)."""
+        if self.epsilon is not None:
+            return released_metrics(self)
         values = {
             "clients/sampled": self.sampled, "clients/used": self.used, "clients/dropped": self.dropped,
             "clients/late": self.late, "clients/rejected": self.rejected, "clients/errors": self.errors,
-            "clients/retried": self.retried,
+            "clients/retried": self.retried, "faults/actors_replaced": self.actors_replaced,
             "train/loss": self.train_loss, "train/update_norm": self.update_norm, "perf/round_seconds": self.seconds,
         }
-        if self.epsilon is not None:
-            values["privacy/epsilon"] = self.epsilon
         if self.actor_memory_mb is not None:
             values["perf/actor_memory_mb"] = self.actor_memory_mb
         return values | {f"eval/{k}": v for k, v in self.evaluation.items()}
+
+
+def released_metrics(report: RoundReport) -> dict[str, float]:
+    """What a DP round may publish: ε, the norm of the released update (a function of the released model), the
+    client actors replaced (a fact of the cluster) and the evaluation, which a DP run makes on public data only.
+
+    Counts of sampled, late, rejected or failed clients, their training loss and the round's duration
+    are functions of the private data that the accountant does not cover, so they stay in the run.
+    """
+    return {"privacy/epsilon": report.epsilon, "train/update_norm": report.update_norm,
+            "faults/actors_replaced": report.actors_replaced} | {
+        f"eval/{k}": v for k, v in report.evaluation.items()}
 
 
 class FederatedServer:
@@ -90,13 +104,14 @@ class FederatedServer:
 
     Each round the strategy chooses clients, the fault plan drops or slows some, the pool trains the
     rest until the deadline, updates with NaN/Inf or a norm beyond ``max_update_norm`` are rejected,
-    and the strategy aggregates the remainder (None keeps the model).
+    and the strategy aggregates the remainder (None keeps the model). Under DP nothing is rejected:
+    the mechanism zeroes a non-finite update and clips the rest, so no published count depends on them.
 
     Args:
         weights: the initial global weights.
         strategy: FedAvg, FedProx, a robust rule, or any of them wrapped in DifferentialPrivacy.
         partitions: each virtual client's indices into the task's training split.
-        seed: seeds client sampling and local shuffling.
+        seed: seeds client sampling (a DP strategy samples from its own secret source) and local shuffling.
         server_learning_rate: step size on the aggregated update (1.0 is plain FedAvg).
         max_update_norm: reject updates longer than this (None accepts any finite one).
         faults: injected dropout and slowdown.
@@ -133,8 +148,9 @@ class FederatedServer:
         arrived, failures = pool.run_round(self.weights, jobs, proximal_mu=proximal_mu, deadline_s=deadline_s)
         failures = failures + [Failure(c, "dropped") for c in dropped]
         results = []
+        private = isinstance(self.strategy, DifferentialPrivacy)
         for result in arrived:
-            problem = update_problem(result.delta, max_norm=self.max_update_norm)
+            problem = None if private else update_problem(result.delta, max_norm=self.max_update_norm)
             if problem:
                 failures.append(Failure(result.client_id, problem))
             else:
@@ -147,9 +163,10 @@ class FederatedServer:
         return RoundReport(
             server_round=server_round, sampled=len(sampled), used=len(results), dropped=reasons.count("dropped"),
             late=reasons.count("deadline"), rejected=reasons.count("non-finite") + reasons.count("norm"),
-            errors=reasons.count("error"), retried=pool.clients_retried - retried_before, aggregated=update is not None,
+            errors=reasons.count("error"), retried=pool.clients_retried - retried_before,
+            actors_replaced=pool.actors_replaced, aggregated=update is not None,
             train_loss=sum(r.metrics["train_loss"] * r.num_examples for r in results) / examples if examples else float("nan"),
             update_norm=float(np.linalg.norm(update)) if update is not None else 0.0,
             seconds=time.perf_counter() - start,
-            epsilon=self.strategy.accountant.epsilon() if isinstance(self.strategy, DifferentialPrivacy) else None,
+            epsilon=self.strategy.accountant.epsilon() if private else None,
         )

@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import ConfigError, config_to_dict
+from mlplatform.emotion.writers import PRIVATE_TEST, provenance_tags
 from mlplatform.federated.client import FederatedClient, flat_weights, load_flat_weights
 from mlplatform.federated.config import ClientConfig, FederatedConfig
 from mlplatform.federated.partition import dirichlet_partition, iid_partition, writer_partition
 from mlplatform.federated.pool import ClientPool
-from mlplatform.federated.privacy import DifferentialPrivacy, noise_multiplier_for
+from mlplatform.federated.privacy import DifferentialPrivacy, dp_from_config
 from mlplatform.federated.server import FaultPlan, FederatedServer, RoundReport
 from mlplatform.federated.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 from mlplatform.federated.task import EmotionTask, FederatedTask, NgramTask, Source
@@ -35,6 +36,9 @@ class FederatedResult:
     seconds: float
     history: list[RoundReport]
     test_metrics: dict[str, float]
+    """On the test split (the public writers' in a run over private writers); ``start_*``: the starting model's."""
+    private_test_metrics: dict[str, float]
+    """On the private writers' own test split (a run over private writers): a measurement outside the DP guarantee."""
     epsilon: float | None
     noise_multiplier: float | None
     model_dir: Path
@@ -44,15 +48,25 @@ class FederatedResult:
 def build_task(config: FederatedConfig) -> FederatedTask:
     """The task the config names, everything it needs read here and carried by value to the client actors.
 
-    The examples, the tokenizer's files and a local model's files travel inside the task; a registry
+    The examples, the tokenizer's and a local model's files travel inside the task; a registry
     URI is pinned to the version it names now, which each node downloads from the tracking server.
+    With ``writers: private`` the clients hold the private writers' texts, evaluation reads the
+    public writers', and the vocabulary is built from public texts only.
+
+    Raises:
+        ConfigError: under DP, a base model or tokenizer that already learnt from a client's writer.
     """
     from mlplatform.emotion.data import load_corpus
+    from mlplatform.emotion.writers import private_clients_view
 
     examples = load_corpus(config.corpus)
+    vocabulary_examples = [e for e in examples if e.split == "train"]
+    if config.writers == "private":
+        examples, vocabulary_examples = private_clients_view(examples, config.corpus)
     if config.task == "ngram":
         return NgramTask(examples=examples, num_features=config.num_features)
     from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
+    from mlplatform.emotion.writers import inherited_provenance, provenance
 
     model = model_source(config.model)
     if config.tokenizer is not None:
@@ -61,11 +75,30 @@ def build_task(config: FederatedConfig) -> FederatedTask:
     elif model is not None:  # a model's own folder or hub name carries the tokenizer it was trained with
         tokenizer = model
     else:
-        tokenizer = storage.portable(default_tokenizer([e.text for e in examples if e.split == "train"]).name_or_path)
-    load_tokenizer(storage.local_path(tokenizer))  # a broken one fails here, in one line, not in every actor
-    return EmotionTask(tokenizer=tokenizer, model=model, examples=examples, max_length=config.max_length,
+        tokenizer = storage.portable(default_tokenizer([e.text for e in vocabulary_examples]).name_or_path)
+    tokenizer_folder = storage.local_path(tokenizer)
+    load_tokenizer(tokenizer_folder)  # a broken one fails here, in one line, not in every actor
+    learnt_from = vocabulary_examples if config.tokenizer is None and model is None else []
+    record = inherited_provenance(provenance(learnt_from, config.corpus), tokenizer_folder,
+                                  storage.local_path(model) if model is not None else None)
+    task = EmotionTask(tokenizer=tokenizer, model=model, examples=examples, max_length=config.max_length,
                        model_options={"hidden_size": config.hidden_size, "num_layers": config.num_layers},
-                       train_head_only=config.train_head_only)
+                       train_head_only=config.train_head_only, provenance=record)
+    if config.dp:
+        check_public(record, task.train_writers(), config)
+    return task
+
+
+def check_public(record: dict[str, Any], client_writers: list[str], config: FederatedConfig) -> None:
+    """Refuse a DP run whose starting point (model, vocabulary) learnt from a client's writer, unless the config accepts it."""
+    from mlplatform.emotion.writers import overlapping_writers
+
+    overlap = overlapping_writers(record, client_writers)
+    if overlap and config.public_data_overlap == "refuse":
+        shown = ", ".join(overlap[:5]) + (", ..." if len(overlap) > 5 else "")
+        raise ConfigError(f"public_data_overlap: the base model or tokenizer ({config.model or config.tokenizer}) learnt "
+                          f"from {len(overlap)} of the clients' writers ({shown}), so DP cannot protect them; train it on "
+                          f"public writers (writers: public), or set public_data_overlap: accept for a run without a guarantee")
 
 
 def model_source(model: str | None) -> Source | None:
@@ -96,14 +129,7 @@ def build_strategy(config: FederatedConfig, evaluate_fn: Any = None) -> Strategy
         "median": lambda: FedMedian(**common),
         "trimmed_mean": lambda: FedTrimmedAvg(beta=config.trim_beta, **common),
     }[config.strategy]()
-    if not config.dp:
-        return inner
-    noise = config.noise_multiplier
-    if noise is None:
-        noise = noise_multiplier_for(target_epsilon=config.target_epsilon, delta=config.delta, rounds=config.rounds,
-                                     sample_rate=config.sample_rate, kind=config.accountant)
-    return DifferentialPrivacy(inner, noise_multiplier=noise, clip_norm=config.clip_norm, sample_rate=config.sample_rate,
-                               delta=config.delta, target_epsilon=config.target_epsilon, accountant=config.accountant)
+    return dp_from_config(config, inner) if config.dp else inner
 
 
 def client_config(config: FederatedConfig) -> ClientConfig:
@@ -154,6 +180,9 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
         partitions = build_partitions(config, task)
     except ValueError as e:
         raise ConfigError(f"partition: {e}") from None
+    if config.dp and len(partitions) > config.num_clients:
+        raise ConfigError(f"num_clients: the {config.partition} partition makes {len(partitions)} clients, more than "
+                          f"num_clients={config.num_clients}, the public N of the DP denominator q·N")
     connect_ray()
     model, weights = initial_weights(task, config.seed)
 
@@ -171,7 +200,11 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
     pool = ClientPool(task, client_config(config), num_actors=config.num_actors or default_num_actors(), num_gpus=gpus)
     dp = strategy if isinstance(strategy, DifferentialPrivacy) else None
     if tracker is not None:
-        tracker.log_params(config_to_dict(config) | strategy.describe() | {"num_clients_actual": len(partitions)})
+        counted = {} if dp is not None else {"num_clients_actual": len(partitions)}  # under DP, N is the config's
+        tracker.log_params(config_to_dict(config) | strategy.describe() | counted)
+        if isinstance(task, EmotionTask) and task.provenance is not None:
+            tracker.set_tags(provenance_tags(task.provenance))
+    start_test = {split: evaluate(weights, split) for split in ("test", PRIVATE_TEST) if split in task.splits}
     history: list[RoundReport] = []
     stopped_by_budget = False
     bar = tqdm(range(1, config.rounds + 1), unit="round", disable=not progress)
@@ -190,24 +223,49 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
                 tracker.flush()
     finally:
         pool.shutdown()
-    test_metrics = evaluate(server.weights, "test")
+    test_metrics = evaluate(server.weights, "test") | {f"start_{k}": v for k, v in start_test["test"].items()}
+    private_test_metrics = {}
+    if PRIVATE_TEST in task.splits:
+        private_test_metrics = evaluate(server.weights, PRIVATE_TEST) | {f"start_{k}": v for k, v in start_test[PRIVATE_TEST].items()}
     model_dir = Path(config.output_dir).resolve()
     load_flat_weights(model, server.weights)
     task.save(model, model_dir)
     result = FederatedResult(
         rounds=len(history), seconds=time.perf_counter() - start, history=history, test_metrics=test_metrics,
+        private_test_metrics=private_test_metrics,
         epsilon=dp.accountant.epsilon() if dp else None, noise_multiplier=dp.noise_multiplier if dp else None,
         model_dir=model_dir, stopped_by_budget=stopped_by_budget,
     )
     (model_dir / "federated.json").write_text(json.dumps(_summary(config, result), indent=2) + os.linesep, encoding="utf-8")
     if tracker is not None:
-        tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=len(history))
+        tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}
+                            | {f"test_private/{k}": v for k, v in private_test_metrics.items()}, step=len(history))
+        if dp is not None:
+            tracker.set_tags(guarantee_tags(config, result))
         tracker.log_artifact(model_dir, "model")
     return result
 
 
+def guarantee_tags(config: FederatedConfig, result: FederatedResult) -> dict[str, str]:
+    """The DP guarantee a run gives, stated exactly, as tags its registered model versions carry."""
+    if config.public_data_overlap == "accept":
+        return {"dp.guarantee": "none: public_data_overlap: accept let the base model or vocabulary learn from clients"}
+    return {
+        "dp.guarantee": f"(ε = {result.epsilon:.3f}, δ = {config.delta:g})-DP for each private writer",
+        "dp.epsilon": f"{result.epsilon:.4f}", "dp.delta": f"{config.delta:g}",
+        "dp.unit": "one client = one writer of the corpus' private group; neighbouring runs add or remove one writer",
+        "dp.mechanism": (f"DP-FedAvg: updates clipped to C = {config.clip_norm:g}, Gaussian noise z = {result.noise_multiplier:.4f}, "
+                         f"sum over q·N with N = {config.num_clients} (public), {result.rounds} rounds"),
+        "dp.sampling": f"Poisson, q = {config.sample_rate:g}, drawn with the noise from the OS CSPRNG (not the seed)",
+        "dp.accountant": f"dp-accounting {config.accountant.upper()}, composed over the rounds run",
+        "dp.released": "the model after each round, ε, the released update's norm, evaluation on public writers",
+        "dp.not_covered": "test_private/* (a simulation measurement on the private writers); the base model and "
+                          "vocabulary's training (public writers only, checked); timing side channels",
+    }
+
+
 def _progress_line(report: RoundReport) -> str:
-    parts = [f"used {report.used}/{report.sampled}", f"loss {report.train_loss:.3f}"]
+    parts = [] if report.epsilon is not None else [f"used {report.used}/{report.sampled}", f"loss {report.train_loss:.3f}"]
     if "accuracy" in report.evaluation:
         parts.append(f"dev acc {report.evaluation['accuracy']:.3f}")
     if report.epsilon is not None:
@@ -217,5 +275,6 @@ def _progress_line(report: RoundReport) -> str:
 
 def _summary(config: FederatedConfig, result: FederatedResult) -> dict[str, Any]:
     return {"config": config_to_dict(config), "rounds": result.rounds, "test": result.test_metrics,
+            "test_private": result.private_test_metrics,
             "epsilon": result.epsilon, "delta": config.delta if config.dp else None,
             "noise_multiplier": result.noise_multiplier, "stopped_by_budget": result.stopped_by_budget}

@@ -19,12 +19,15 @@ from mlplatform.emotion.data import EmotionCollator, EmotionDataset, EmotionExam
 from mlplatform.emotion.labels import NUM_EMOTIONS
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.tokenizer import load_tokenizer
+from mlplatform.emotion.writers import PRIVATE_TEST, save_provenance
 from mlplatform.storage import PortableFolder, local_path
 
 if TYPE_CHECKING:  # MLflow is imported only where a registry version is used
     from mlplatform.mlops.registry import RegistrySource
 
 Batch = dict[str, torch.Tensor]
+EVALUATION_SPLITS = ("dev", "test", PRIVATE_TEST)
+"""Held-out splits a task may score on (the private writers' test only in a run over private writers)."""
 Source = Union[PortableFolder, "RegistrySource", str]
 """Where a tokenizer or model comes from, in a form every node can use: carried files, a registry version, a hub name."""
 
@@ -100,6 +103,11 @@ class CorpusTask(FederatedTask, ABC):
     def _examples(self) -> list[EmotionExample]:
         return [e for e in self.examples if max(e.intensity) > 0]
 
+    @functools.cached_property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this task scores on besides ``train``: dev, test, and the private writers' test when it has one."""
+        return tuple(split for split in ("train", *EVALUATION_SPLITS) if any(e.split == split for e in self._examples))
+
 
 class NgramClassifier(nn.Module):
     """Softmax regression on hashed character n-grams: the tiny model that keeps federated tests fast."""
@@ -142,7 +150,7 @@ class NgramTask(CorpusTask):
         hashing = HashingVectorizer(analyzer="char", ngram_range=(1, 3), n_features=self.num_features,
                                     alternate_sign=False, norm="l2")
         splits = {}
-        for split in ("train", "dev", "test"):
+        for split in self.splits:
             examples = [e for e in self._examples if e.split == split]
             features = hashing.transform([e.text for e in examples]).toarray().astype(np.float32)
             splits[split] = _Labelled(features, np.array([e.dominant for e in examples], dtype=np.int64))
@@ -175,17 +183,19 @@ class EmotionTask(CorpusTask):
         model_options: ``EmotionClassifier.from_config`` sizes for the default model.
         train_head_only: freeze the encoder and federate only the classification head. Under DP this
             matters: the noise's norm grows with the square root of the trained weights' count.
+        provenance: whose texts the starting model and vocabulary learnt from (saved with the model).
     """
 
     def __init__(self, *, tokenizer: Source, model: Source | None = None, examples: Sequence[EmotionExample] | None = None,
                  max_length: int = 128, model_options: dict[str, Any] | None = None,
-                 train_head_only: bool = False) -> None:
+                 train_head_only: bool = False, provenance: dict[str, Any] | None = None) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.examples = tuple(examples if examples is not None else load_corpus())
         self.max_length = max_length
         self.model_options = dict(model_options or {})
         self.train_head_only = train_head_only
+        self.provenance = provenance
 
     @functools.cached_property
     def _tokenizer(self) -> Any:
@@ -199,7 +209,7 @@ class EmotionTask(CorpusTask):
     def _splits(self) -> dict[str, EmotionDataset]:
         return {split: EmotionDataset([e for e in self._examples if e.split == split], self._tokenizer,
                                       target="single", max_length=self.max_length)
-                for split in ("train", "dev", "test")}
+                for split in self.splits}
 
     def build_model(self) -> nn.Module:
         if self.model is not None:
@@ -223,11 +233,15 @@ class EmotionTask(CorpusTask):
         return self._collator(batch)
 
     def save(self, model: nn.Module, folder: Path) -> None:
-        """``save_pretrained`` of the model and its tokenizer: the folder loads with ``EmotionClassifier.from_pretrained``."""
+        """``save_pretrained`` of the model and its tokenizer: the folder loads with ``EmotionClassifier.from_pretrained``.
+
+        The provenance saved beside them is the starting point's: what a DP run added is protected, not recorded."""
         model.save_pretrained(folder)
         self._tokenizer.save_pretrained(folder)
+        if self.provenance is not None:
+            save_provenance(folder, self.provenance)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer, "model": self.model, "examples": self.examples,
                 "max_length": self.max_length, "model_options": self.model_options,
-                "train_head_only": self.train_head_only}
+                "train_head_only": self.train_head_only, "provenance": self.provenance}

@@ -84,6 +84,10 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
     return match["name"], match["alias"] or match["version"]
 
 
+INHERITED_TAG_PREFIXES = ("provenance.", "dp.")
+"""Run tags a model version carries: whose data trained it, and the privacy guarantee it was trained under."""
+
+
 class ModelRegistry:
     """Register, alias, find and download model versions (a thin façade over ``MlflowClient``).
 
@@ -115,7 +119,7 @@ class ModelRegistry:
                 ``config.json`` under ``model/``, else the newest ``.pt`` under ``checkpoints/``).
             kind: ``emotion`` for a Hugging Face folder, ``dqn`` for a checkpoint; None infers it.
             description: shown with the version.
-            tags: extra metadata (metrics, dataset, commit).
+            tags: extra metadata (metrics, dataset, commit); the run's ``provenance.*`` and ``dp.*`` tags come too.
 
         Raises:
             RegistryError: a bad name, an unknown run, or no model in its artifacts.
@@ -123,7 +127,8 @@ class ModelRegistry:
         if not _NAME.match(name):
             raise RegistryError(f"bad model name {name!r}: use letters, digits, '_', '.', '-'", error_code="INVALID_PARAMETER_VALUE")
         with self._calling(f"find run {run_id!r}"):
-            self._client.get_run(run_id)
+            run = self._client.get_run(run_id)
+        inherited = {k: v for k, v in run.data.tags.items() if k.startswith(INHERITED_TAG_PREFIXES)}
         found_path, found_kind = self._find_model(run_id) if artifact_path is None else (artifact_path, None)
         kind = kind or found_kind or ("dqn" if artifact_path and artifact_path.endswith(".pt") else "emotion")
         with self._calling(f"register {name!r}"):
@@ -134,7 +139,7 @@ class ModelRegistry:
                     raise
             version = self._client.create_model_version(
                 name, source=f"runs:/{run_id}/{found_path}", run_id=run_id, description=description,
-                tags={"kind": kind, "artifact_path": found_path, **{k: str(v) for k, v in (tags or {}).items()}},
+                tags={"kind": kind, "artifact_path": found_path, **inherited, **{k: str(v) for k, v in (tags or {}).items()}},
             )
         return self.get_model_version(name, str(version.version))
 
