@@ -261,7 +261,11 @@ def _audit_privacy(config: StackConfig, echo: Echo) -> None:
     from mlplatform.federated.audit import audit_config
     from mlplatform.federated.config import FederatedConfig
 
-    _, result = audit_config(load_config(FederatedConfig, config.federated_config, config.federated))
+    federated = load_config(FederatedConfig, config.federated_config, config.federated)
+    if not federated.dp:
+        echo(f"{config.private_name}: trained without DP (dp: false), so there is no privacy claim to audit")
+        return
+    _, result = audit_config(federated)
     echo(f"{config.private_name}: privacy audit of its DP-FedAvg round: ε ≥ {result.epsilon_lower_bound:.2f} measured "
          f"({result.trials:,} rounds with and without a canary writer), {result.epsilon_accounted:.2f} accounted"
          + (": VIOLATION" if result.violation else ""))

@@ -170,6 +170,7 @@ def test_ray_train_on_two_nodes_resumes_after_losing_one_and_keeps_one_run(clust
     assert {Path(a.path).name for a in client.list_artifacts(run_id, "plots")} == {"learning_curves.png", "confusion_matrix_test.png"}
     registry = ModelRegistry(cluster.tracking_uri)
     version = registry.register_model("emotion-multinode", run_id=run_id)
+    assert version.tags["provenance.writer_count"] == "40"  # whose texts it read, carried from the run to the version
     _, folder = registry.download_model(version.name, version.version)  # the best model, from the server
     assert (folder / "config.json").is_file() and (folder / "vocab.txt").is_file()
     assert not (folder / "trainer_state.pt").exists()  # the training state stays in the checkpoints
