@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import ConfigError, config_to_dict
-from mlplatform.emotion.writers import PRIVATE_TEST, provenance_tags
+from mlplatform.emotion.writers import (
+    PRIVATE_TEST, inherited_provenance, overlapping_writers, private_clients_view, provenance, provenance_tags,
+)
 from mlplatform.federated.client import FederatedClient, flat_weights, load_flat_weights
 from mlplatform.federated.config import ClientConfig, FederatedConfig
 from mlplatform.federated.partition import dirichlet_partition, iid_partition, writer_partition
@@ -57,7 +59,6 @@ def build_task(config: FederatedConfig) -> FederatedTask:
         ConfigError: under DP, a base model or tokenizer that already learnt from a client's writer.
     """
     from mlplatform.emotion.data import load_corpus
-    from mlplatform.emotion.writers import private_clients_view
 
     examples = load_corpus(config.corpus)
     vocabulary_examples = [e for e in examples if e.split == "train"]
@@ -66,7 +67,6 @@ def build_task(config: FederatedConfig) -> FederatedTask:
     if config.task == "ngram":
         return NgramTask(examples=examples, num_features=config.num_features)
     from mlplatform.emotion.tokenizer import default_tokenizer, load_tokenizer
-    from mlplatform.emotion.writers import inherited_provenance, provenance
 
     model = model_source(config.model)
     if config.tokenizer is not None:
@@ -91,8 +91,6 @@ def build_task(config: FederatedConfig) -> FederatedTask:
 
 def check_public(record: dict[str, Any], client_writers: list[str], config: FederatedConfig) -> None:
     """Refuse a DP run whose starting point (model, vocabulary) learnt from a client's writer, unless the config accepts it."""
-    from mlplatform.emotion.writers import overlapping_writers
-
     overlap = overlapping_writers(record, client_writers)
     if overlap and config.public_data_overlap == "refuse":
         shown = ", ".join(overlap[:5]) + (", ..." if len(overlap) > 5 else "")
