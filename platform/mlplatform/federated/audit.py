@@ -16,7 +16,6 @@ than C, along a secret direction) is all there is to see beside the noise.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -40,7 +39,7 @@ class AuditConfig:
     model_size: int = 16
     """Length of the flat update vectors (the canary's direction is one unit vector among them)."""
     seed: int | None = None
-    """Seeds the canary's direction and the split of trials; the mechanism draws its own randomness."""
+    """Seeds the canary's direction; the mechanism draws its own randomness."""
 
 
 @dataclasses.dataclass(frozen=True)

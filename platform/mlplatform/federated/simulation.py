@@ -221,10 +221,9 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
                 tracker.flush()
     finally:
         pool.shutdown()
-    test_metrics = evaluate(server.weights, "test") | {f"start_{k}": v for k, v in start_test["test"].items()}
-    private_test_metrics = {}
-    if PRIVATE_TEST in task.splits:
-        private_test_metrics = evaluate(server.weights, PRIVATE_TEST) | {f"start_{k}": v for k, v in start_test[PRIVATE_TEST].items()}
+    final = {split: evaluate(server.weights, split) | {f"start_{k}": v for k, v in start.items()}
+             for split, start in start_test.items()}
+    test_metrics, private_test_metrics = final["test"], final.get(PRIVATE_TEST, {})
     model_dir = Path(config.output_dir).resolve()
     load_flat_weights(model, server.weights)
     task.save(model, model_dir)

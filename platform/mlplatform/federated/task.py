@@ -105,7 +105,7 @@ class CorpusTask(FederatedTask, ABC):
 
     @functools.cached_property
     def splits(self) -> tuple[str, ...]:
-        """The splits this task scores on besides ``train``: dev, test, and the private writers' test when it has one."""
+        """The splits this task holds: train, dev, test, and the private writers' test in a run over them."""
         return tuple(split for split in ("train", *EVALUATION_SPLITS) if any(e.split == split for e in self._examples))
 
 
