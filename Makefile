@@ -27,8 +27,13 @@ tools:
 	@command -v prometheus >/dev/null || $(APT_INSTALL) prometheus || \
 		{ $(SUDO) apt-get update && $(APT_INSTALL) prometheus; }
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), each taking whole files, so that a module's Ray cluster
+# stays in one process; the files marked `platform` go first, so that the processes end together. A Ray test
+# waits on process start-ups much of the time: two processes keep two cores busy. TEST_WORKERS=0 runs one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) tools
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # DEMO_CONFIG: a YAML file of `mlplatform up` settings (StackConfig in platform/mlplatform/stack.py).
 demo: $(STAMP)
