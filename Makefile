@@ -27,9 +27,9 @@ tools:
 	@command -v prometheus >/dev/null || $(APT_INSTALL) prometheus || \
 		{ $(SUDO) apt-get update && $(APT_INSTALL) prometheus; }
 
-# The tests run in TEST_WORKERS processes (pytest-xdist), each taking whole files, so that a module's Ray cluster
-# stays in one process; the files marked `platform` go first, so that the processes end together. A Ray test
-# waits on process start-ups much of the time: two processes keep two cores busy. TEST_WORKERS=0 runs one process.
+# The tests run in TEST_WORKERS processes (pytest-xdist), each taking whole files (tests/conftest.py groups them),
+# so that a module's Ray cluster stays in one process; the stack and cluster modules form one unit that goes first.
+# A Ray test waits on process start-ups much of the time: two processes keep two cores busy. TEST_WORKERS=0: one.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) tools

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from xdist.remote import Producer
+from xdist.scheduler import LoadFileScheduling
 
 # Ray reads its authentication mode once per process, when first asked: every Ray this session starts
 # or joins uses token authentication, with a token of the session's own (never the user's ~/.ray one).
@@ -22,10 +24,29 @@ from mlplatform.services import ServiceState, free_port  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
+# The modules that start a whole stack or a multi-node cluster (minutes each). Under `make test`'s processes they
+# are one unit of work, taken first: both at once starve each other past the tests' timeouts on two cores, and
+# starting the long unit first lets the many short files fill the other process.
+PLATFORM_MODULES = ("tests/cluster/test_multinode.py", "tests/test_demo.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The modules marked ``platform`` (minutes each) first, the rest in their order: under `make test`'s
-    two processes, which take whole files in this order, the long ones then overlap the many short ones."""
-    items.sort(key=lambda item: item.get_closest_marker("platform") is None)
+    """The platform modules first, the rest in their order (`make test` keeps this order: --no-loadscope-reorder)."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in PLATFORM_MODULES)
+
+
+class PlatformUnitScheduling(LoadFileScheduling):
+    """pytest-xdist's whole-file units, but the platform modules together form one unit."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = super()._split_scope(nodeid)
+        return "platform" if module in PLATFORM_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> PlatformUnitScheduling | None:
+    """`--dist loadfile` (what `make test` asks for) schedules the platform modules as one unit."""
+    return PlatformUnitScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 @pytest.fixture

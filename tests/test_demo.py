@@ -19,7 +19,6 @@ from mlplatform.services import free_port
 from mlplatform.stack import StackConfig, StackState
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.platform
 BIN = Path(sys.executable).parent
 QUICK = {  # the default pipeline, cut to a couple of minutes; the services and models are the defaults
     "apex": {"total_steps": 2000, "learning_starts": 500, "eval_every": 1500, "stop_at_return": None},

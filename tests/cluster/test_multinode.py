@@ -20,7 +20,6 @@ from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.mlops.tracking import job_runs
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.platform
 
 
 def report(case: str, **figures: object) -> None:
