@@ -68,8 +68,8 @@ class ClusterConfig:
     """MLflow tracking server, on loopback (started unless MLFLOW_TRACKING_URI names a server already)."""
     s3_port: int = pydantic.Field(9000, ge=1, le=65535)
     """S3 API server, on loopback."""
-    prometheus_port: int = pydantic.Field(9090, ge=1, le=65535)
-    """Prometheus, on loopback."""
+    prometheus_port: int | None = pydantic.Field(None, ge=1, le=65535)
+    """Prometheus, on loopback; None draws a free port at start (never the packaged service's 9090 by default)."""
     prometheus: bool = True
     """Start Prometheus, scraping every node's metrics port, when a `prometheus` binary is on PATH."""
     ready_timeout_s: float = pydantic.Field(300.0, gt=0.0)
@@ -79,7 +79,7 @@ class ClusterConfig:
         ports = {"ray_port": self.ray_port, "dashboard_port": self.dashboard_port, "client_port": self.client_port,
                  "metrics_port": self.metrics_port, "mlflow_port": self.mlflow_port}
         return ports | ({"s3_port": self.s3_port} if self.wants_s3() else {}) | (
-            {"prometheus_port": self.prometheus_port} if self.prometheus else {})
+            {"prometheus_port": self.prometheus_port} if self.prometheus and self.prometheus_port is not None else {})
 
     def wants_s3(self) -> bool:
         return self.s3 if self.s3 is not None else self.workers > 0
@@ -141,7 +141,7 @@ def up(config: ClusterConfig, echo: Echo, *, state_class: type[ClusterState] = C
 
     metrics_ports = [config.metrics_port] + [free_port() for _ in range(config.workers)]
     if config.prometheus and shutil.which("prometheus"):
-        prometheus = start_prometheus(state, port=config.prometheus_port, targets=[f"{LOOPBACK}:{p}" for p in metrics_ports],
+        prometheus = start_prometheus(state, port=config.prometheus_port or free_port(), targets=[f"{LOOPBACK}:{p}" for p in metrics_ports],
                                       timeout_s=config.ready_timeout_s)
         echo(f"prometheus up at {prometheus}")
     elif config.prometheus:

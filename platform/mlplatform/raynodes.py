@@ -15,10 +15,11 @@ from pathlib import Path
 from mlplatform.services import BIN, LOOPBACK, ManagedProcess, ServiceError, ServiceState, check_running, free_port
 
 
-RAY_NODE_ENV = {"RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-"""Set for every `ray start` of ours: token auth on, and no drain on SIGTERM. Ray drains a node for up
-to 30 s so that Serve can move its replicas elsewhere; our nodes are stopped all together, with
-nowhere left to move to, so the wait would only delay ``down``."""
+RAY_NODE_ENV = {"RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_EXPORT_COUNTER_AS_GAUGE": "0"}
+"""Set for every `ray start` of ours: token auth on, no drain on SIGTERM, and each counter exported once.
+Ray drains a node for up to 30 s so that Serve can move its replicas elsewhere; our nodes are stopped
+all together, with nowhere left to move to, so the wait would only delay ``down``. Ray also exports
+every counter as a gauge of the same name by default, which dashboards then mistake for the counter."""
 
 
 def ray_node_argv(*, num_cpus: int | None, resources: dict[str, float], object_store_bytes: int | None,

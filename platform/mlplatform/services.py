@@ -209,8 +209,13 @@ def start_s3(state: ServiceState, *, port: int, bucket: str, timeout_s: float) -
     return env
 
 
-def start_prometheus(state: ServiceState, *, port: int, targets: list[str], timeout_s: float) -> str:
-    """Prometheus with the shipped scrape config (``cluster/prometheus.yml``), aimed at ``targets``; returns its URL."""
+def start_prometheus(state: ServiceState, *, port: int, targets: list[str], timeout_s: float,
+                     scrape_interval_s: float | None = None) -> str:
+    """Prometheus with the shipped scrape config and alert rules (``cluster/prometheus.yml``), aimed at ``targets``.
+
+    Returns:
+        Its URL.
+    """
     import yaml
 
     from mlplatform.config import read_yaml_mapping
@@ -218,11 +223,16 @@ def start_prometheus(state: ServiceState, *, port: int, targets: list[str], time
     binary = shutil.which("prometheus")
     if binary is None:
         raise ServiceError("prometheus is not on PATH")
-    scrape = read_yaml_mapping("cluster/prometheus.yml")
+    shipped = Path("cluster/prometheus.yml").resolve()
+    scrape = read_yaml_mapping(shipped)
     for job in scrape["scrape_configs"]:
         job.pop("file_sd_configs", None)
         job["static_configs"] = [{"targets": targets}]
+    scrape["rule_files"] = [str(shipped.parent / rules) for rules in scrape.get("rule_files", [])]  # from beside the copy
+    if scrape_interval_s is not None:
+        scrape["global"]["scrape_interval"] = f"{scrape_interval_s}s"
     home = Path(state.home)
+    home.mkdir(parents=True, exist_ok=True)
     (home / "prometheus.yml").write_text(yaml.safe_dump(scrape, sort_keys=False), encoding="utf-8")
     address = f"{LOOPBACK}:{port}"
     process = state.launch("prometheus", [binary, f"--config.file={home / 'prometheus.yml'}",

@@ -1,9 +1,7 @@
 """Serving in operation: Prometheus scrapes every replica's metrics, a promotion under load drops nothing, a killed replica returns."""
 
 import json
-import shutil
-import signal
-import subprocess
+import math
 import threading
 import time
 import urllib.parse
@@ -12,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import ray
-import yaml
 from ray import serve
 
 from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.serving.app import Ingress
 from mlplatform.serving.deployments import EmotionModel
-from mlplatform.services import free_port
+from mlplatform.services import ServiceState, free_port, start_prometheus
 from test_serving import call, promote_broken_version, register_emotion, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,23 +39,15 @@ def cluster(tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.fixture
-def prometheus(cluster, tmp_path):
-    """Debian's Prometheus on loopback, with cluster/prometheus.yml pointed at this Ray's metrics port."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus is not installed (make test installs Debian's package)"
-    config = yaml.safe_load((REPO / "cluster" / "prometheus.yml").read_text())
-    job = config["scrape_configs"][0]
-    job.pop("file_sd_configs")
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{cluster['metrics_port']}"]}]
-    config["global"]["scrape_interval"] = "1s"
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    server = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                               f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield f"http://127.0.0.1:{port}"
-    server.send_signal(signal.SIGTERM)
-    server.wait(timeout=30)
+@pytest.fixture(scope="module")
+def prometheus(cluster, tmp_path_factory):
+    """Debian's Prometheus on loopback as the stack starts it (shipped scrape config and alert rules), aimed at this Ray."""
+    state = ServiceState(home=str(tmp_path_factory.mktemp("prometheus")))
+    try:
+        yield start_prometheus(state, port=free_port(), targets=[f"127.0.0.1:{cluster['metrics_port']}"], timeout_s=60,
+                               scrape_interval_s=1)
+    finally:
+        state.stop_all()
 
 
 def query(prometheus_url: str, promql: str) -> list[dict]:
@@ -89,6 +78,40 @@ def test_prometheus_sees_every_metric_from_every_replica(cluster, prometheus):
             return len({s["metric"]["WorkerId"] for s in query(prometheus, f'{name}{{deployment="EmotionModel"}}')}) == 2
 
         assert wait_for(from_both_replicas, timeout_s=60), name
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL query of the shipped Grafana dashboard, its variables as Grafana fills them in (all models)."""
+    dashboard = json.loads((REPO / "cluster" / "grafana" / "mlplatform.json").read_text())
+    return [target["expr"].replace('"$model"', '".*"').replace("$__rate_interval", "5m")
+            for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_every_dashboard_query_returns_data(cluster, prometheus):
+    for _ in range(10):
+        assert call(f"{cluster['url']}/v1/emotion", {"text": ["嬉しい", "悲しい"]})[0] == 200
+    handle = serve.get_deployment_handle("EmotionModel", app_name="mlplatform")
+    assert all("error" in r.result() for r in [handle.predict.remote("") for _ in range(10)])
+    queries = dashboard_queries()
+    assert len(queries) == 10 and all("$" not in q for q in queries)
+
+    def answered(promql: str) -> bool:
+        return any(math.isfinite(float(s["value"][1])) for s in query(prometheus, promql))
+
+    for promql in queries:
+        assert wait_for(lambda: answered(promql), timeout_s=60), promql
+    # the dashboard's model picker lists the served model
+    picker = urllib.parse.urlencode({"match[]": "model_requests_total"})
+    with urllib.request.urlopen(f"{prometheus}/api/v1/label/model/values?{picker}", timeout=5) as response:
+        assert json.loads(response.read())["data"] == ["emotion"]
+    # the alert rules are loaded and evaluate without error on the live series
+    def rules() -> list[dict]:
+        with urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=5) as response:
+            return [r for group in json.loads(response.read())["data"]["groups"] for r in group["rules"]]
+
+    assert {r["name"] for r in rules()} == {"ModelErrorRateHigh", "ModelLatencyP99High", "ModelReplicaMetricsMissing",
+                                            "RayNodeMetricsDown"}
+    assert wait_for(lambda: all(r["health"] == "ok" for r in rules()), timeout_s=30), rules()
 
 
 def test_promotion_under_load_fails_no_request(cluster):

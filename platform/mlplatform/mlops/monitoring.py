@@ -28,7 +28,7 @@ class ModelMonitoring:
 
     Args:
         model: registered model name, e.g. ``emotion``.
-        deployment: the Serve deployment's name.
+        deployment: the Serve deployment's name as deployed (e.g. ``Emotion-emotion``), which Serve's own metrics carry too.
     """
 
     def __init__(self, model: str, deployment: str) -> None:
