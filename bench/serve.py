@@ -36,6 +36,7 @@ from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.mlops.tracking import ExperimentTracker
 from mlplatform.serving.app import Ingress
 from mlplatform.serving.deployments import EmotionModel
+from mlplatform.serving.pyfunc import register_servable
 
 MODEL = "emotion"
 TARGET_RATIO = 3.0
@@ -83,7 +84,7 @@ def register(store: str, folder: Path, settings: EmotionConfig, *, champion: boo
     with ExperimentTracker("serve-bench", tracking_uri=store) as tracker:
         tracker.log_artifact(best, artifact_path="model")
     registry = ModelRegistry(store)
-    version = registry.register_model(MODEL, run_id=tracker.run_id).version
+    version = register_servable(registry, MODEL, run_id=tracker.run_id).version
     if champion:
         registry.set_alias(MODEL, "champion", version)
     return best

@@ -10,9 +10,12 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import mlflow.pyfunc
+import pandas as pd
 import pytest
 import yaml
 
+from mlplatform.emotion.labels import EMOTIONS
 from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.mlops.tracking import job_runs
 from mlplatform.services import free_port
@@ -49,10 +52,16 @@ def fresh_shell(script: str, home: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def prometheus_models(url: str) -> set[str]:
-    query = urllib.parse.urlencode({"query": "sum by (model) (model_requests_total)"})
+def prometheus_query(url: str, promql: str) -> list[dict]:
+    query = urllib.parse.urlencode({"query": promql})
     with urllib.request.urlopen(f"{url}/api/v1/query?{query}", timeout=10) as response:
-        return {r["metric"]["model"] for r in json.loads(response.read())["data"]["result"] if float(r["value"][1]) > 0}
+        return json.loads(response.read())["data"]["result"]
+
+
+def prometheus_models(url: str) -> set[tuple[str, str]]:
+    """(model, deployment) of every deployment that counted requests."""
+    found = prometheus_query(url, "sum by (model, deployment) (model_requests_total)")
+    return {(r["metric"]["model"], r["metric"]["deployment"]) for r in found if float(r["value"][1]) > 0}
 
 
 @pytest.fixture
@@ -64,7 +73,7 @@ def user_home(tmp_path):
     subprocess.run([str(BIN / "mlplatform"), "down"], cwd=REPO, capture_output=True, timeout=300)
 
 
-def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_path):
+def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_path, monkeypatch):
     ports = {name: free_port() for name in PORTS}
     demo, curl, submit, stop = (on_ports(block, ports) for block in quick_start_blocks())
     assert demo.strip() == "make demo" and stop.strip() == ".venv/bin/mlplatform down"
@@ -108,6 +117,12 @@ def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_pa
     assert answered.returncode == 0, answered.stderr
     answer = json.loads(answered.stdout)
     assert answer["model"] == "emotion-dp" and len(answer["predictions"][0]["scores"]) == 8
+    # MLflow's own loader answers the same from the registered version, through the stack's tracking server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", state.env["MLFLOW_TRACKING_URI"])
+    text = json.loads(re.search(r"-d '(\{.*?\})'", curl).group(1))["text"]
+    loaded = mlflow.pyfunc.load_model("models:/emotion-dp@champion").predict(pd.DataFrame({"text": [text]})).iloc[0]
+    assert loaded["label"] == answer["predictions"][0]["label"]
+    assert {e: loaded[e] for e in EMOTIONS} == pytest.approx(answer["predictions"][0]["scores"], abs=1e-5)
     for path, body, model in [("/v1/emotion/emotion", {"text": ["嬉しい", "怖い"]}, "emotion"),
                               ("/v1/emotion", {"text": "嬉しい"}, "emotion-dp"),
                               ("/v1/policy/cartpole", {"observation": [0.0, 0.1, 0.0, -0.1]}, "cartpole")]:
@@ -116,9 +131,11 @@ def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_pa
         with urllib.request.urlopen(request, timeout=30) as response:
             assert json.loads(response.read())["model"] == model
     deadline = time.time() + 90  # Prometheus scrapes the head every 5 s; Ray exports every few seconds
-    while (seen := prometheus_models(state.urls["prometheus"])) != {"cartpole", "emotion", "emotion-dp"}:
+    wanted = {("cartpole", "Policy-cartpole"), ("emotion", "Emotion-emotion"), ("emotion-dp", "Emotion-emotion-dp")}
+    while (seen := prometheus_models(state.urls["prometheus"])) != wanted:  # labelled by the deployments' own names
         assert time.time() < deadline, f"Prometheus saw requests for {seen} only"
         time.sleep(3)
+    assert prometheus_query(state.urls["prometheus"], "model_requests") == []  # each counter once, not also as a gauge
 
     # a job from a fresh shell, as the README says, runs on the stack and logs to its store
     submitted = fresh_shell(submit, user_home)

@@ -221,6 +221,7 @@ def _run_and_register(client: Any, job: PipelineJob, env_vars: dict[str, str], c
     """Submit ``job``, follow it to the end, keep its logs, and register its run's model with the alias."""
     from mlplatform.mlops.registry import ModelRegistry
     from mlplatform.mlops.tracking import job_runs
+    from mlplatform.serving.pyfunc import register_servable
 
     submission_id = client.submit_job(entrypoint=job.entrypoint, runtime_env=job_runtime_env(env_vars))
     echo(f"{job.model_name}: submitted {submission_id}: {job.entrypoint}")
@@ -246,8 +247,8 @@ def _run_and_register(client: Any, job: PipelineJob, env_vars: dict[str, str], c
     registry = ModelRegistry(store)
     logged = registry.run_metrics(runs[-1])
     metrics = {name: logged[name] for name in job.headline if name in logged}
-    version = registry.register_model(job.model_name, run_id=runs[-1], description=f"{job.summary}; Ray job {submission_id}",
-                                      tags={"ray.job_submission_id": submission_id, **metrics})
+    version = register_servable(registry, job.model_name, run_id=runs[-1], description=f"{job.summary}; Ray job {submission_id}",
+                                tags={"ray.job_submission_id": submission_id, **metrics})
     registry.set_alias(job.model_name, config.alias, version.version)
     shown = ", ".join(f"{name} {value:.3f}" for name, value in metrics.items())
     state.models[job.model_name] = f"v{version.version} @{config.alias}  {shown}  (run {version.run_id})"

@@ -7,6 +7,7 @@ import torch
 
 from mlplatform.mlops.registry import ModelRegistry, RegistryError, parse_model_uri
 from mlplatform.mlops.tracking import ExperimentTracker
+from mlplatform.rl.agent import DQNAgent, DQNConfig
 
 
 class Payload:
@@ -114,7 +115,16 @@ def test_models_command_line(store, tmp_path):
         return subprocess.run([sys.executable, "-m", "mlplatform.cli", "models", *args], capture_output=True, text=True,
                               env={**os.environ, "MLFLOW_TRACKING_URI": store}, timeout=120)
 
-    first, second = (run_with_checkpoint(store, tmp_path, {"step": n}) for n in (1, 2))
+    def run_with_policy(seed: int) -> str:
+        agent = DQNAgent((4,), 2, DQNConfig(hidden_sizes=(8,), seed=seed))
+        with ExperimentTracker("registry", tracking_uri=store) as tracker:
+            tracker.log_checkpoint(agent.save(tmp_path / str(seed) / "cartpole.pt"))
+        return tracker.run_id
+
+    not_a_policy = cli("register", "cartpole", "--run-id", run_with_checkpoint(store, tmp_path, {"step": 1}))
+    assert not_a_policy.returncode == 2 and "Traceback" not in not_a_policy.stderr
+    assert "does not load as a dqn model: no 'config' in it" in not_a_policy.stderr.strip().splitlines()[-1], not_a_policy.stderr
+    first, second = run_with_policy(1), run_with_policy(2)
     assert cli("register", "cartpole", "--run-id", first, "--alias", "champion").returncode == 0
     registered = cli("register", "cartpole", "--run-id", second)
     assert registered.returncode == 0 and "v2" in registered.stdout and "dqn" in registered.stdout

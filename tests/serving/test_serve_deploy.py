@@ -15,7 +15,8 @@ from mlplatform.emotion.predict import EmotionPredictor
 from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.mlops.tracking import ExperimentTracker
 from mlplatform.rl.agent import DQNAgent, DQNConfig
-from mlplatform.serving.deployments import Policy
+from mlplatform.rl.policy import Policy
+from mlplatform.serving.pyfunc import register_servable
 from mlplatform.services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,7 @@ def test_the_shipped_serve_config_deploys_and_answers(ray_head, tmp_path):
         agent = DQNAgent((4,), 2, DQNConfig(hidden_sizes=(16, 16), seed=seed))
         with ExperimentTracker("serving", tracking_uri=store) as tracker:
             tracker.log_checkpoint(agent.save(tmp_path / f"{seed}" / "cartpole.pt"))
-        registry.set_alias("cartpole", "champion", registry.register_model("cartpole", run_id=tracker.run_id).version)
+        registry.set_alias("cartpole", "champion", register_servable(registry, "cartpole", run_id=tracker.run_id).version)
     register_emotion(store, tmp_path / "emotion" / "best", seed=1, alias="champion")
 
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())

@@ -1,11 +1,15 @@
 """The Serve app on a real local Ray: registered @champion models over real HTTP, bad input, alias rollout."""
 
 import json
+import os
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from ray import serve
 
@@ -17,11 +21,13 @@ from mlplatform.emotion.tokenizer import default_tokenizer
 from mlplatform.mlops.registry import ModelRegistry
 from mlplatform.mlops.tracking import ExperimentTracker
 from mlplatform.rl.agent import DQNAgent, DQNConfig
+from mlplatform.rl.policy import Policy
 from mlplatform.serving.app import build_app
-from mlplatform.serving.deployments import Policy
-from mlplatform.services import free_port
+from mlplatform.serving.pyfunc import register_servable
+from mlplatform.services import ServiceState, free_port, wait_http
 
 pytestmark = pytest.mark.usefixtures("local_ray")
+BIN = Path(sys.executable).parent
 
 
 def register_emotion(store, folder, seed, alias=None):
@@ -35,7 +41,7 @@ def register_emotion(store, folder, seed, alias=None):
     with ExperimentTracker("serving", tracking_uri=store) as tracker:
         tracker.log_artifact(folder, artifact_path="model")
     registry = ModelRegistry(store)
-    version = registry.register_model("emotion", run_id=tracker.run_id)
+    version = register_servable(registry, "emotion", run_id=tracker.run_id)
     return registry.set_alias("emotion", alias, version.version) if alias else version
 
 
@@ -60,7 +66,7 @@ def served(tmp_path_factory):
     with ExperimentTracker("serving", tracking_uri=store) as tracker:
         tracker.log_checkpoint(agent.save(tmp / "cartpole.pt"))
     registry = ModelRegistry(store)
-    registry.set_alias("cartpole", "champion", registry.register_model("cartpole", run_id=tracker.run_id).version)
+    registry.set_alias("cartpole", "champion", register_servable(registry, "cartpole", run_id=tracker.run_id).version)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"emotion_models": ["emotion"], "policies": ["cartpole"], "tracking_uri": store}), name="mlplatform",
@@ -105,6 +111,45 @@ def test_policy_answers_the_greedy_action(served):
     assert status == 200 and answer["version"] == "1"
     q_values = Policy(served["tmp"] / "cartpole.pt").q_values(observation)
     assert answer["action"] == int(np.argmax(q_values)) and answer["q_values"] == pytest.approx(q_values.tolist(), abs=1e-6)
+
+
+def test_mlflow_loads_each_registered_model_and_answers_as_the_endpoint(served, monkeypatch):
+    import mlflow.pyfunc
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["store"])
+    texts = ["明日の試験が怖くて眠れない", "友達が誕生日を祝ってくれて本当に嬉しい"]
+    emotion = mlflow.pyfunc.load_model("models:/emotion@champion")
+    assert emotion.metadata.get_input_schema().input_names() == ["text"] and emotion.metadata.saved_input_example_info
+    answered = emotion.predict(pd.DataFrame({"text": texts})).to_dict("records")
+    _, endpoint = call(f"{served['url']}/v1/emotion", {"text": texts})
+    for got, want in zip(answered, endpoint["predictions"]):
+        assert got["label"] == want["label"] and {e: got[e] for e in EMOTIONS} == pytest.approx(want["scores"], abs=1e-5)
+
+    policy = mlflow.pyfunc.load_model("models:/cartpole@champion")
+    assert policy.metadata.get_input_schema().inputs[0].shape == (-1, 4) and policy.metadata.saved_input_example_info
+    observation = [0.01, -0.2, 0.03, 0.1]
+    acted = policy.predict(np.array([observation], dtype=np.float32)).to_dict("records")[0]
+    _, endpoint = call(f"{served['url']}/v1/policy/cartpole", {"observation": observation})
+    assert acted["action"] == endpoint["action"] and acted["q_values"] == pytest.approx(endpoint["q_values"], abs=1e-6)
+
+
+def test_mlflow_models_serve_answers_on_loopback(served, tmp_path):
+    state, port = ServiceState(home=str(tmp_path)), free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": served["store"], "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = state.launch("mlflow-models-serve", [str(BIN / "mlflow"), "models", "serve", "-m", "models:/emotion@champion",
+                                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", process, timeout_s=180)
+        text = "明日の試験が怖くて眠れない"
+        status, answer = call(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"text": text}]})
+        _, endpoint = call(f"{served['url']}/v1/emotion", {"text": text})
+        assert status == 200 and answer["predictions"][0]["label"] == endpoint["predictions"][0]["label"]
+        assert {e: answer["predictions"][0][e] for e in EMOTIONS} == pytest.approx(endpoint["predictions"][0]["scores"], abs=1e-5)
+        status, refused = call(f"http://127.0.0.1:{port}/invocations", {"inputs": {"text": [""]}})
+        # MLflow's server names the input, then the model's own message; no traceback
+        assert status == 400 and refused["message"].endswith("Error: text 0 is empty") and "stack_trace" not in refused, refused
+    finally:
+        state.stop_all()
 
 
 def test_health_models_and_openapi(served):

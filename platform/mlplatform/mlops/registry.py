@@ -107,6 +107,7 @@ class ModelRegistry:
         run_id: str,
         artifact_path: str | None = None,
         kind: str | None = None,
+        source: str | None = None,
         description: str = "",
         tags: dict[str, Any] | None = None,
     ) -> RegisteredVersion:
@@ -118,6 +119,8 @@ class ModelRegistry:
             artifact_path: the model inside the run's artifacts; None finds it (a folder holding
                 ``config.json`` under ``model/``, else the newest ``.pt`` under ``checkpoints/``).
             kind: ``emotion`` for a Hugging Face folder, ``dqn`` for a checkpoint; None infers it.
+            source: the MLflow model (a folder with an ``MLmodel`` file) that MLflow's own loaders open for this
+                version, when it is not ``artifact_path`` itself (see :mod:`mlplatform.serving.pyfunc`).
             description: shown with the version.
             tags: extra metadata (metrics, dataset, commit); the run's ``provenance.*`` and ``dp.*`` tags come too.
 
@@ -129,8 +132,8 @@ class ModelRegistry:
         with self._calling(f"find run {run_id!r}"):
             run = self._client.get_run(run_id)
         inherited = {k: v for k, v in run.data.tags.items() if k.startswith(INHERITED_TAG_PREFIXES)}
-        found_path, found_kind = self._find_model(run_id) if artifact_path is None else (artifact_path, None)
-        kind = kind or found_kind or ("dqn" if artifact_path and artifact_path.endswith(".pt") else "emotion")
+        found_path, found_kind = self.find_model(run_id, artifact_path)
+        kind = kind or found_kind
         with self._calling(f"register {name!r}"):
             try:
                 self._client.create_registered_model(name)
@@ -138,7 +141,7 @@ class ModelRegistry:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
             version = self._client.create_model_version(
-                name, source=f"runs:/{run_id}/{found_path}", run_id=run_id, description=description,
+                name, source=f"runs:/{run_id}/{source or found_path}", run_id=run_id, description=description,
                 tags={"kind": kind, "artifact_path": found_path, **inherited, **{k: str(v) for k, v in (tags or {}).items()}},
             )
         return self.get_model_version(name, str(version.version))
@@ -180,9 +183,7 @@ class ModelRegistry:
         version = self.get_model_version(name, ref)
         folder = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"{name}-v{version.version}-"))
         folder.mkdir(parents=True, exist_ok=True)
-        with self._calling(f"download {version.uri}"):
-            local = self._client.download_artifacts(version.run_id, version.artifact_path, str(folder))
-        return version, Path(local)
+        return version, self.download_run_artifact(version.run_id, version.artifact_path, folder)
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric a run logged (what a new version is usually judged by)."""
@@ -230,7 +231,16 @@ class ModelRegistry:
             raise RegistryError(f"{version.uri}: refused to load {path.name}: {str(e).splitlines()[0]}",
                                 error_code="INVALID_PARAMETER_VALUE") from e
 
-    def _find_model(self, run_id: str) -> tuple[str, str]:
+    def find_model(self, run_id: str, artifact_path: str | None = None) -> tuple[str, str]:
+        """The model in a run's artifacts and its kind: ``artifact_path`` when given (a ``.pt`` is a ``dqn``
+        checkpoint), else a folder holding ``config.json`` under ``model/`` (``emotion``), else the newest
+        ``.pt`` under ``checkpoints/``.
+
+        Raises:
+            RegistryError: nothing of the kind is there.
+        """
+        if artifact_path is not None:
+            return artifact_path, "dqn" if artifact_path.endswith(".pt") else "emotion"
         with self._calling(f"list the artifacts of run {run_id}"):
             for folder in self._walk(run_id, "model"):
                 if any(Path(f.path).name == "config.json" for f in self._client.list_artifacts(run_id, folder)):
@@ -240,6 +250,16 @@ class ModelRegistry:
             raise RegistryError(f"run {run_id} has no model folder under model/ and no .pt under checkpoints/",
                                 error_code="RESOURCE_DOES_NOT_EXIST")
         return checkpoints[-1], "dqn"
+
+    def download_run_artifact(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
+        """Copy one artifact (a file or a folder) of a run into the folder ``dst``; returns its local path."""
+        with self._calling(f"download {artifact_path!r} of run {run_id}"):
+            return Path(self._client.download_artifacts(run_id, artifact_path, str(dst)))
+
+    def add_run_artifacts(self, run_id: str, local_folder: str | Path, artifact_path: str) -> None:
+        """Upload the files of ``local_folder`` into a run's artifacts under ``artifact_path`` (a finished run too)."""
+        with self._calling(f"add artifacts to run {run_id}"):
+            self._client.log_artifacts(run_id, str(local_folder), artifact_path)
 
     def _walk(self, run_id: str, path: str) -> list[str]:
         """``path`` and every folder below it in the run's artifacts."""

@@ -5,18 +5,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from ray import serve
 
 from mlplatform.emotion.predict import EmotionPredictor
 from mlplatform.mlops.monitoring import ModelMonitoring
 from mlplatform.mlops.registry import ModelRegistry, RegisteredVersion
-from mlplatform.rl.model import DuelingDQN
-from mlplatform.rl.train import make_vector_env
+from mlplatform.rl.policy import Policy
 from mlplatform.serving.rollout import AliasFollower
 
 PROBE_TEXT = "今日はとても嬉しい"
@@ -31,7 +27,7 @@ class EmotionModel:
     """
 
     def __init__(self, model_name: str, ref: str, tracking_uri: str) -> None:
-        self.monitoring = ModelMonitoring(model_name, "EmotionModel")
+        self.monitoring = ModelMonitoring(model_name, serve.get_replica_context().deployment)
         self.follower: AliasFollower[EmotionPredictor] = AliasFollower(
             ModelRegistry(tracking_uri), model_name, ref, load=EmotionPredictor,
             probe=lambda predictor: predictor.predict([PROBE_TEXT]),
@@ -78,39 +74,12 @@ def _predict_one(predictor: EmotionPredictor, version: RegisteredVersion, text: 
         return {"error": str(e)}
 
 
-class Policy:
-    """A DQN checkpoint's greedy policy: the online network rebuilt from the config saved with it."""
-
-    def __init__(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        config = state["config"]
-        env = make_vector_env(config["env_id"], 1)  # the spaces the agent saw, Atari preprocessing included
-        self.obs_shape = tuple(env.single_observation_space.shape)
-        self.network = DuelingDQN(self.obs_shape, int(env.single_action_space.n), hidden_sizes=config["hidden_sizes"])
-        env.close()
-        self.network.load_state_dict(state["online"])
-        self.network.eval()
-
-    @torch.no_grad()
-    def q_values(self, observation: list[float]) -> np.ndarray:
-        """Q(s, ·) for one flattened observation.
-
-        Raises:
-            ValueError: the observation has the wrong number of values.
-        """
-        expected = math.prod(self.obs_shape)
-        if len(observation) != expected:
-            raise ValueError(f"expected {expected} values (shape {list(self.obs_shape)}), got {len(observation)}")
-        obs = torch.tensor(observation, dtype=torch.float32).reshape(1, *self.obs_shape)
-        return self.network(obs)[0].numpy()
-
-
 @serve.deployment(name="PolicyModel", ray_actor_options={"num_cpus": 0.5})
 class PolicyModel:
     """Answers observations with the greedy action of the registered DQN policy that ``ref`` points at."""
 
     def __init__(self, model_name: str, ref: str, tracking_uri: str) -> None:
-        self.monitoring = ModelMonitoring(model_name, "PolicyModel")
+        self.monitoring = ModelMonitoring(model_name, serve.get_replica_context().deployment)
         self.follower: AliasFollower[Policy] = AliasFollower(
             ModelRegistry(tracking_uri), model_name, ref, load=Policy,
             probe=lambda policy: policy.q_values([0.0] * math.prod(policy.obs_shape)),
