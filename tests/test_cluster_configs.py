@@ -1,6 +1,9 @@
-"""The cluster launcher configs validate against the schema shipped in the installed `ray` package."""
+"""The cluster launcher configs validate against the schema shipped in the installed `ray` package; the images and
+manifests name the lock's Ray, and the environment is the lock."""
 
+import importlib.metadata
 import json
+import sysconfig
 from pathlib import Path
 
 import jsonschema
@@ -8,10 +11,26 @@ import pytest
 import ray
 import ray.autoscaler
 import yaml
+from packaging.utils import canonicalize_name
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+LOCK = {canonicalize_name(name): version for name, version in (
+    line.split("==") for line in (CLUSTER.parent / "constraints.txt").read_text().splitlines() if "==" in line)}
+RAY = LOCK["ray"]
+"""The Ray version of the lock, which every image and manifest of cluster/ must name."""
+
+
+def test_the_environment_is_the_lock():
+    # the venv's own packages (Ray puts copies it vendors on sys.path too)
+    site = [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=site)}
+    assert {"ray", "torch", "mlflow", "transformers", "pytest-xdist", "stable-baselines3", "ale-py"} <= set(LOCK)
+    drifted = {name: (version, LOCK[name]) for name, version in installed.items()
+               if name in LOCK and version.split("+")[0] != LOCK[name]}
+    assert drifted == {}, f"installed versions differ from constraints.txt (run make install, or make lock): {drifted}"
+    assert set(installed) - set(LOCK) <= {"mlplatform"}, "a package installed without a pin in constraints.txt"
 
 
 @pytest.mark.parametrize("name", ["launcher-local.yaml", "launcher-aws.yaml"])
@@ -23,7 +42,7 @@ def test_launcher_config_matches_rays_schema(name):
                if " start " in c)
     image = config.get("docker", {}).get("image")
     if image:
-        assert image.split(":")[1].startswith(ray.__version__ + "-")
+        assert image.split(":")[1].startswith(RAY + "-")
 
 
 def test_local_launcher_config_survives_rays_own_preparation():
@@ -46,9 +65,9 @@ def images(node) -> list[str]:
     return []
 
 
-def test_the_image_is_built_on_the_installed_ray():
+def test_the_image_is_built_on_the_locked_ray():
     base = next(line.split()[1] for line in (CLUSTER / "Dockerfile").read_text().splitlines() if line.startswith("FROM "))
-    assert base.startswith(f"rayproject/ray:{ray.__version__}-")
+    assert base.startswith(f"rayproject/ray:{RAY}-")
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -57,9 +76,9 @@ def test_kuberay_manifest_parses_and_points_at_what_exists(path):
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] in {"RayCluster", "RayJob", "RayService"}
     spec = manifest["spec"]
     cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
-    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["rayVersion"] == RAY
     named = images(manifest)
-    assert named and all(i in (f"mlplatform:ray{ray.__version__}", f"mlplatform:ray{ray.__version__}-gpu") for i in named)
+    assert named and all(i in (f"mlplatform:ray{RAY}", f"mlplatform:ray{RAY}-gpu") for i in named)
     text = path.read_text()
     assert "RAY_AUTH_MODE" in text and "secretKeyRef" in text  # token auth on, the token itself kept in a Secret
     if manifest["kind"] == "RayJob":
