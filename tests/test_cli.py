@@ -3,9 +3,11 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +80,39 @@ def test_job_entrypoint_runs_from_its_config(tmp_path):
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "runs").glob("CartPole-v1__dqn__1__*/checkpoint.pt"))
     assert_tracked_run(db)
+
+
+def test_a_killed_dqn_run_resumes_from_its_latest_checkpoint_with_its_counters(tmp_path):
+    db, runs = tmp_path / "mlruns.db", tmp_path / "runs"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    args = [*CLI, "train", "dqn", "--env", "CartPole-v1", "--output-dir", str(runs), *TINY, "--set", "checkpoint_every=500",
+            "--set", "stop_at_return=null"]
+    first = subprocess.Popen([*args, "--total-steps", "200000"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(runs.glob("CartPole-v1__dqn__*/latest.pt")):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() is not None else "slow"
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        first.kill()  # as a lost machine: no clean-up, the MLflow run left RUNNING
+        first.wait()
+    (folder,) = runs.glob("CartPole-v1__dqn__*")
+    saved = torch.load(folder / "latest.pt", weights_only=True)
+    assert saved["env_steps"] >= 500 and saved["updates"] > 0
+
+    resumed = run([*args, "--total-steps", str(saved["env_steps"] + 1000), "--resume"], env=env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after {saved['env_steps'] + 1000} steps" in resumed.stdout
+    client = MlflowClient(f"sqlite:///{db}")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("dqn").experiment_id])
+    assert run_info.info.status == "FINISHED"  # one run, the killed one, finished by the resumed process
+    returns = [m.step for m in client.get_metric_history(run_info.info.run_id, "charts/episodic_return")]
+    assert min(returns) < saved["env_steps"] < max(returns)  # the curve goes on past the checkpoint in the same run
+    final = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert final["env_steps"] == saved["env_steps"] + 1000 and final["updates"] > saved["updates"]
+    assert len(final["extra"]["eval_history"]) > len(saved["extra"]["eval_history"])  # the curves kept their past
+
+    nothing = run([*CLI, "train", "dqn", "--env", "Acrobot-v1", "--output-dir", str(runs), "--resume"], env=env, cwd=tmp_path)
+    assert nothing.returncode == 2 and nothing.stderr.startswith(f"error: --resume found no Acrobot-v1 run with a latest.pt under {runs}")

@@ -99,19 +99,26 @@ def train_dqn_command(
     total_steps: StepsOption = None,
     set_: SetOption = None,
     output_dir: Annotated[Path, typer.Option(help="Folder for the run's checkpoint.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue the newest run of this env in --output-dir from its latest.pt.")] = False,
     track: TrackOption = True,
     progress: ProgressOption = True,
 ) -> None:
     """Train a Dueling Double DQN with prioritized replay in one process (CartPole by default)."""
     # Imported here, not at the top, so `--help` answers without loading torch and MLflow.
     from mlplatform.rl.agent import DQNConfig
-    from mlplatform.rl.train import train_dqn
+    from mlplatform.rl.train import newest_resumable, train_dqn
 
     run_config = load_run_config(DQNConfig, config, set_, env_id=env, seed=seed, total_steps=total_steps)
-    run_name = f"{run_config.env_id}__dqn__{run_config.seed}__{int(time.time())}"
+    run_name, previous_run = f"{run_config.env_id}__dqn__{run_config.seed}__{int(time.time())}", None
+    if resume:
+        try:
+            folder, saved = newest_resumable(output_dir, run_config.env_id)
+        except ConfigError as e:
+            fail(str(e))
+        run_name, previous_run = str(folder.relative_to(output_dir)), saved.get("mlflow_run_id")
     result, tracker = run_tracked(
-        lambda tracker: train_dqn(run_config, tracker, output_dir=output_dir / run_name, progress=progress),
-        track=track, experiment_name=run_config.experiment_name, run_name=run_name,
+        lambda tracker: train_dqn(run_config, tracker, output_dir=output_dir / run_name, progress=progress, resume=resume),
+        track=track, experiment_name=run_config.experiment_name, run_name=run_name, run_id=previous_run,
     )
     report(run_config, result, tracker)
 
@@ -197,7 +204,8 @@ def train_federated_command(
     config: ConfigOption = None,
     set_: SetOption = None,
     seed: SeedOption = None,
-    rounds: Annotated[int | None, typer.Option(help="Rounds to run.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds to run (in all, with --resume).")] = None,
+    resume: Annotated[bool, typer.Option(help="Go on from <output_dir>/last_round.pt: weights, ε ledger, MLflow run.")] = False,
     track: TrackOption = True,
     progress: ProgressOption = True,
 ) -> None:
@@ -209,13 +217,18 @@ def train_federated_command(
 
     run_config = load_run_config(FederatedConfig, config, set_, seed=seed, rounds=rounds)  # before torch and Ray load
     from mlplatform.emotion.tokenizer import TokenizerSetupError
+    from mlplatform.federated.checkpoint import resumed_run_id
     from mlplatform.federated.simulation import run_federated
     from mlplatform.mlops.registry import RegistryError
 
+    try:
+        previous_run = resumed_run_id(run_config) if resume else None
+    except ConfigError as e:
+        fail(str(e))
     privacy = "dp" if run_config.dp else "nodp"
     result, tracker = run_tracked(
-        lambda tracker: run_federated(run_config, tracker, progress=progress),
-        track=track, experiment_name=run_config.experiment_name,
+        lambda tracker: run_federated(run_config, tracker, progress=progress, resume=resume),
+        track=track, experiment_name=run_config.experiment_name, run_id=previous_run,
         run_name=f"{run_config.task}__{run_config.strategy}__{privacy}__{run_config.seed}__{int(time.time())}",
         user_errors=(ConfigError, TokenizerSetupError, FileNotFoundError, RegistryError),
     )
@@ -335,12 +348,13 @@ def models_register_command(
     alias: Annotated[str | None, typer.Option(help="Point this alias at the new version, e.g. champion.")] = None,
     description: Annotated[str, typer.Option(help="Shown with the version.")] = "",
 ) -> None:
-    """Register a run's model as a new version (the registered model is created on first use)."""
+    """Register a run's model as a new version, loadable by Serve and by MLflow (`mlflow.pyfunc.load_model`)."""
     from mlplatform.mlops.registry import RegistryError
+    from mlplatform.serving.pyfunc import register_servable
 
     registry = open_registry()
     try:
-        version = registry.register_model(name, run_id=run_id, artifact_path=artifact_path, description=description)
+        version = register_servable(registry, name, run_id=run_id, artifact_path=artifact_path, description=description)
         if alias is not None:
             version = registry.set_alias(name, alias, version.version)
     except RegistryError as e:

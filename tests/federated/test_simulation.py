@@ -15,7 +15,9 @@ from mlplatform.config import ConfigError, load_config
 from mlplatform.emotion.data import load_corpus
 from mlplatform.emotion.model import EmotionClassifier
 from mlplatform.emotion.writers import load_provenance, provenance, save_provenance
+from mlplatform.federated.checkpoint import load_round_state, resumed_run_id
 from mlplatform.federated.pool import ClientPool
+from mlplatform.federated.privacy import PrivacyAccountant
 from mlplatform.federated.server import FederatedServer
 from mlplatform.federated.simulation import (
     FederatedConfig, build_partitions, build_strategy, build_task, client_config, guarantee_tags, initial_weights,
@@ -114,6 +116,36 @@ def test_dp_run_logs_epsilon_every_round_and_stops_before_the_target(tmp_path):
     assert sum(r.rejected for r in result.history) == 0 and sum(r.used for r in result.history) > 0
     assert run.data.tags["dp.guarantee"].startswith(f"(ε = {result.epsilon:.3f}, δ = 1e-05)-DP for each private writer")
     assert "OS CSPRNG" in run.data.tags["dp.sampling"] and f"N = {config.num_clients}" in run.data.tags["dp.mechanism"]
+
+
+def test_a_resumed_dp_run_goes_on_from_its_last_round_with_its_epsilon_ledger(tmp_path):
+    db = f"sqlite:///{tmp_path}/m.db"
+    config = tiny(tmp_path, dp=True, writers="private", noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.2, rounds=2)
+    with pytest.raises(ConfigError, match="--resume found no round checkpoint at"):
+        run_federated(config, progress=False, resume=True)
+    with ExperimentTracker("federated", tracking_uri=db) as tracker:
+        first = run_federated(config, tracker, progress=False)
+    after_two = load_round_state(config, first_weights_size(config))
+    assert after_two.server_round == 2 and after_two.mlflow_run_id == tracker.run_id
+
+    more = dataclasses.replace(config, rounds=4)
+    with ExperimentTracker("federated", tracking_uri=db, run_id=resumed_run_id(more)) as resumed_tracker:
+        second = run_federated(more, resumed_tracker, progress=False, resume=True)
+    assert resumed_tracker.run_id == tracker.run_id and second.rounds == 4
+    assert [r.server_round for r in second.history] == [3, 4]
+    ledger = PrivacyAccountant(delta=config.delta)
+    ledger.step(noise_multiplier=1.0, sample_rate=0.2, rounds=4)  # all four rounds compose, not the last two
+    assert second.epsilon == pytest.approx(ledger.epsilon(), rel=1e-9) and second.epsilon > first.epsilon
+    epsilons = MlflowClient(db).get_metric_history(tracker.run_id, "privacy/epsilon")
+    assert [m.step for m in epsilons] == [1, 2, 3, 4] and epsilons[1].value == pytest.approx(first.epsilon)
+    assert second.test_metrics["start_macro_f1"] == first.test_metrics["start_macro_f1"]  # against the same start
+    assert "plots/rounds.png" in {a.path for a in MlflowClient(db).list_artifacts(tracker.run_id, "plots")}
+    with pytest.raises(ConfigError, match="the checkpoint was made with dp: True, the config says dp: False"):
+        run_federated(dataclasses.replace(more, dp=False, writers="all"), progress=False, resume=True)
+
+
+def first_weights_size(config: FederatedConfig) -> int:
+    return initial_weights(build_task(config), config.seed)[1].size
 
 
 def test_dp_runs_use_private_writers_and_a_public_n():

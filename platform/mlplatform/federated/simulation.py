@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from matplotlib.figure import Figure
 import torch
 from tqdm.auto import tqdm
 
@@ -20,6 +21,7 @@ from mlplatform.config import ConfigError, config_to_dict
 from mlplatform.emotion.writers import (
     PRIVATE_TEST, inherited_provenance, overlapping_writers, private_clients_view, provenance, provenance_tags,
 )
+from mlplatform.federated.checkpoint import RoundState, load_round_state, save_round_state
 from mlplatform.federated.client import FederatedClient, flat_weights, load_flat_weights
 from mlplatform.federated.config import ClientConfig, FederatedConfig
 from mlplatform.federated.partition import dirichlet_partition, iid_partition, writer_partition
@@ -28,6 +30,7 @@ from mlplatform.federated.privacy import DifferentialPrivacy, dp_from_config
 from mlplatform.federated.server import FaultPlan, FederatedServer, RoundReport
 from mlplatform.federated.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 from mlplatform.federated.task import EmotionTask, FederatedTask, NgramTask, Source
+from mlplatform.mlops.figures import learning_curves_figure
 
 
 @dataclasses.dataclass
@@ -35,8 +38,10 @@ class FederatedResult:
     """How a federated run ended."""
 
     rounds: int
+    """Rounds run in all, those before a resume included."""
     seconds: float
     history: list[RoundReport]
+    """The rounds this call ran."""
     test_metrics: dict[str, float]
     """On the test split (the public writers' in a run over private writers); ``start_*``: the starting model's."""
     private_test_metrics: dict[str, float]
@@ -161,16 +166,22 @@ def default_num_actors() -> int:
     return max(1, int(resources.get("GPU", 0)) or int(resources.get("CPU", 1)))
 
 
-def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progress: bool = True) -> FederatedResult:
+def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progress: bool = True,
+                  resume: bool = False) -> FederatedResult:
     """Run a federation on the cluster in ``RAY_ADDRESS``, else on a fresh local one.
+
+    After each round the global weights, the accountant's ledger and the metrics so far are saved
+    (``<output_dir>/last_round.pt``, see :mod:`mlplatform.federated.checkpoint`).
 
     Args:
         config: the run's settings.
-        tracker: an :class:`~mlplatform.mlops.tracking.ExperimentTracker` (None: log nowhere).
+        tracker: an :class:`~mlplatform.mlops.tracking.ExperimentTracker` (None: log nowhere); on resume, the
+            checkpoint's run (see :func:`~mlplatform.federated.checkpoint.resumed_run_id`).
         progress: show a progress line per round.
+        resume: go on from the last round saved, up to ``config.rounds``; ε composes every round, before and after.
 
     Raises:
-        ConfigError: a partition that cannot be made from the data.
+        ConfigError: a partition that cannot be made from the data, or ``resume`` with no checkpoint that fits.
     """
     start = time.perf_counter()
     task = build_task(config)  # data, tokenizer and partitions are checked before Ray starts
@@ -183,13 +194,16 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
                           f"num_clients={config.num_clients}, the public N of the DP denominator q·N")
     connect_ray()
     model, weights = initial_weights(task, config.seed)
+    resumed = load_round_state(config, weights.size) if resume else None
+    if resumed is not None and (resumed.accountant is not None) != config.dp:
+        raise ConfigError(f"--resume: the checkpoint was made with dp: {not config.dp}, the config says dp: {config.dp}")
 
     def evaluate(flat: np.ndarray, split: str = "dev") -> dict[str, float]:
         load_flat_weights(model, flat)
         return task.evaluate(model, split)
 
     strategy = build_strategy(config, evaluate)
-    server = FederatedServer(weights, strategy, partitions, seed=config.seed, server_learning_rate=config.server_learning_rate,
+    server = FederatedServer(resumed.weights if resumed else weights, strategy, partitions, seed=config.seed, server_learning_rate=config.server_learning_rate,
                              max_update_norm=config.max_update_norm,
                              faults=FaultPlan(dropout_rate=config.dropout_rate, slow_rate=config.slow_rate,
                                               slowdown_s=config.slowdown_s, corrupt_rate=config.corrupt_rate,
@@ -197,15 +211,19 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
     pool = ClientPool(task, client_config(config), num_actors=config.num_actors or default_num_actors(), num_gpus=gpus)
     dp = strategy if isinstance(strategy, DifferentialPrivacy) else None
-    if tracker is not None:
+    if dp is not None and resumed is not None:
+        dp.accountant.load_state_dict(resumed.accountant)
+    if tracker is not None and resumed is None:  # a resumed run has its parameters logged already
         counted = {} if dp is not None else {"num_clients_actual": len(partitions)}  # under DP, N is the config's
         tracker.log_params(config_to_dict(config) | strategy.describe() | counted)
         if isinstance(task, EmotionTask) and task.provenance is not None:
             tracker.set_tags(provenance_tags(task.provenance))
-    start_test = {split: evaluate(weights, split) for split in ("test", PRIVATE_TEST) if split in task.splits}
+    start_test = resumed.start_metrics if resumed else {
+        split: evaluate(weights, split) for split in ("test", PRIVATE_TEST) if split in task.splits}
+    logged = list(resumed.history) if resumed else []
     history: list[RoundReport] = []
     stopped_by_budget = False
-    bar = tqdm(range(1, config.rounds + 1), unit="round", disable=not progress)
+    bar = tqdm(range(len(logged) + 1, config.rounds + 1), unit="round", disable=not progress)
     try:
         for server_round in bar:
             if dp is not None and not dp.budget_allows_round():
@@ -216,9 +234,12 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
             report.actor_memory_mb = pool.resident_bytes() / 2**20
             history.append(report)
             bar.set_postfix_str(_progress_line(report), refresh=False)
+            logged.append(report.metrics())
             if tracker is not None:  # once per round, so the store shows the run as it goes
-                tracker.log_metrics(report.metrics(), step=server_round)
+                tracker.log_metrics(logged[-1], step=server_round)
                 tracker.flush()
+            save_round_state(config, RoundState(server_round, server.weights, logged, start_test,
+                                                dp.accountant.state_dict() if dp else None, tracker.run_id if tracker else None))
     finally:
         pool.shutdown()
     final = {split: evaluate(server.weights, split) | {f"start_{k}": v for k, v in start.items()}
@@ -228,7 +249,7 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
     load_flat_weights(model, server.weights)
     task.save(model, model_dir)
     result = FederatedResult(
-        rounds=len(history), seconds=time.perf_counter() - start, history=history, test_metrics=test_metrics,
+        rounds=len(logged), seconds=time.perf_counter() - start, history=history, test_metrics=test_metrics,
         private_test_metrics=private_test_metrics,
         epsilon=dp.accountant.epsilon() if dp else None, noise_multiplier=dp.noise_multiplier if dp else None,
         model_dir=model_dir, stopped_by_budget=stopped_by_budget,
@@ -236,11 +257,25 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
     (model_dir / "federated.json").write_text(json.dumps(_summary(config, result), indent=2) + os.linesep, encoding="utf-8")
     if tracker is not None:
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}
-                            | {f"test_private/{k}": v for k, v in private_test_metrics.items()}, step=len(history))
+                            | {f"test_private/{k}": v for k, v in private_test_metrics.items()}, step=len(logged))
         if dp is not None:
             tracker.set_tags(guarantee_tags(config, result))
+        if logged:
+            tracker.log_figure(rounds_figure(logged), "plots/rounds.png")
         tracker.log_artifact(model_dir, "model")
     return result
+
+
+ROUND_CURVES = {"eval/accuracy": "eval accuracy", "eval/macro_f1": "eval macro-F1", "train/loss": "train loss",
+                "privacy/epsilon": "ε"}
+"""The per-round figure's panels, from each round's logged metrics (under DP only what the guarantee covers)."""
+
+
+def rounds_figure(history: list[dict[str, float]]) -> Figure:
+    """Evaluation, training loss and ε after each round, one panel each; a round not evaluated is a gap."""
+    curves = {label: [metrics.get(key, float("nan")) for metrics in history]
+              for key, label in ROUND_CURVES.items() if any(key in metrics for metrics in history)}
+    return learning_curves_figure(list(range(1, len(history) + 1)), curves, title="federated: rounds", xlabel="round")
 
 
 def guarantee_tags(config: FederatedConfig, result: FederatedResult) -> dict[str, str]:

@@ -120,6 +120,9 @@ class DQNConfig(QLearningConfig):
     """Exploration rate after the decay."""
     eps_decay_steps: int = pydantic.Field(10_000, ge=0)
     """Environment steps over which ε decays linearly from start to end."""
+    checkpoint_every: int = pydantic.Field(10_000, ge=1)
+    """Environment steps between resume checkpoints (``<output_dir>/latest.pt``: networks, optimizer, counters, the
+    curves so far; not the replay buffer, which a resumed run refills before it learns again)."""
 
     @pydantic.model_validator(mode="after")
     def _schedule(self) -> DQNConfig:

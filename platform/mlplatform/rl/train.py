@@ -87,26 +87,50 @@ def evaluate(agent: DQNAgent, env_id: str, episodes: int, seed: int) -> np.ndarr
     return returns
 
 
+RESUME_CHECKPOINT = "latest.pt"
+
+
+def newest_resumable(output_dir: str | Path, env_id: str) -> tuple[Path, dict[str, Any]]:
+    """The newest run folder of ``env_id``'s DQN under ``output_dir`` that holds a resume checkpoint, and the
+    values saved with it (its MLflow run id among them).
+
+    Raises:
+        ConfigError: there is none.
+    """
+    folders = [f for f in Path(output_dir).glob(f"{env_id}__dqn__*") if (f / RESUME_CHECKPOINT).is_file()]
+    if not folders:
+        raise ConfigError(f"--resume found no {env_id} run with a {RESUME_CHECKPOINT} under {output_dir}")
+    newest = max(folders, key=lambda folder: (folder / RESUME_CHECKPOINT).stat().st_mtime)
+    return newest, torch.load(newest / RESUME_CHECKPOINT, map_location="cpu", weights_only=True).get("extra", {})
+
+
 def train_dqn(
     config: DQNConfig,
     tracker: MetricsSink | None = None,
     *,
     output_dir: str | Path | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> TrainResult:
     """Train a Dueling Double DQN with n-step prioritized replay until solved or out of steps.
 
+    Every ``config.checkpoint_every`` env steps the run saves ``<output_dir>/latest.pt``, which ``resume``
+    continues from: counters, networks, optimizer and curves intact, ε and β on their schedules; the
+    episodes under way and the replay buffer are lost (it refills before learning goes on).
+
     Args:
         config: hyper-parameters.
-        tracker: where params, metrics, the learning curve and the checkpoint go (None: nowhere).
-        output_dir: folder for the final checkpoint (a temporary one when None).
+        tracker: where params, metrics, the learning curve and the checkpoint go (None: nowhere); on resume,
+            the run the checkpoint names (``newest_resumable``).
+        output_dir: folder for the checkpoints (a temporary one when None).
         progress: show a progress line with steps, episode return and steps/s.
+        resume: continue from ``<output_dir>/latest.pt``.
 
     Returns:
         Counters, timings and the evaluation history of the run.
 
     Raises:
-        ConfigError: the environment's action space is not discrete.
+        ConfigError: the environment's action space is not discrete, or ``resume`` finds no checkpoint.
     """
     started = time.perf_counter()
     if config.torch_threads:
@@ -123,18 +147,34 @@ def train_dqn(
     nstep = NStepAccumulator(
         config.num_envs, obs_space.shape, obs_space.dtype, n_steps=config.n_steps, gamma=config.gamma
     )
-    if tracker is not None:
+    folder = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="dqn-"))
+    latest = folder / RESUME_CHECKPOINT
+    if resume and not latest.is_file():
+        raise ConfigError(f"--resume found no checkpoint at {latest}")
+    try:
+        saved = agent.load(latest) if resume else {}
+    except RuntimeError as e:  # torch's size mismatch: another network than the config's
+        raise ConfigError(f"--resume: {latest} does not fit this config: {str(e).splitlines()[0]}") from None
+    if tracker is not None and not resume:  # a resumed run has its parameters logged already
         tracker.log_params(config_to_dict(config))
 
     episode_returns = np.zeros(config.num_envs)
-    finished_episodes: list[tuple[int, float]] = []
-    eval_history: list[tuple[int, float]] = []
+    finished_episodes: list[tuple[int, float]] = [tuple(pair) for pair in saved.get("finished_episodes", [])]
+    eval_history: list[tuple[int, float]] = [tuple(pair) for pair in saved.get("eval_history", [])]
     solved_at: int | None = None
-    update_credit = 0.0
-    next_eval = config.eval_every
-    bar = tqdm(total=config.total_steps, unit="step", disable=not progress, mininterval=0.5, dynamic_ncols=True)
+    update_credit = float(saved.get("update_credit", 0.0))
+    next_eval = int(saved.get("next_eval", config.eval_every))
+    next_checkpoint = agent.env_steps + config.checkpoint_every
+    run_id = getattr(tracker, "run_id", None)
 
-    obs, _ = envs.reset(seed=config.seed)
+    def resume_values() -> dict[str, Any]:  # what the loop needs besides the agent to go on where it stopped
+        return {"mlflow_run_id": run_id, "finished_episodes": finished_episodes, "eval_history": eval_history,
+                "update_credit": update_credit, "next_eval": next_eval}
+
+    bar = tqdm(total=config.total_steps, initial=agent.env_steps, unit="step", disable=not progress, mininterval=0.5,
+               dynamic_ncols=True)
+
+    obs, _ = envs.reset(seed=config.seed + agent.env_steps)  # a resumed run starts fresh episodes
     while agent.env_steps < config.total_steps:
         epsilon = linear_schedule(config.eps_start, config.eps_end, config.eps_decay_steps, agent.env_steps)
         actions = agent.act(obs, epsilon)
@@ -184,11 +224,15 @@ def train_dqn(
             if config.stop_at_return is not None and returns.mean() >= config.stop_at_return:
                 solved_at = agent.env_steps
                 break
+
+        if agent.env_steps >= next_checkpoint:
+            next_checkpoint += config.checkpoint_every
+            agent.save(latest, extra=resume_values())
     bar.close()
     envs.close()
 
-    folder = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="dqn-"))
-    checkpoint = agent.save(folder / "checkpoint.pt")
+    agent.save(latest, extra=resume_values())  # a finished run goes on too, given more steps
+    checkpoint = agent.save(folder / "checkpoint.pt", extra=resume_values())
     if tracker is not None:
         tracker.log_metrics({"charts/solved_at_step": solved_at or -1}, step=agent.env_steps)
         if finished_episodes:
