@@ -9,27 +9,33 @@ import os
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 
 INDEX = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/").removesuffix("/simple")
 
 
 def newest_pip_wheel() -> tuple[str, str]:
-    """(file name, URL) of the newest pip wheel, from the index's JSON API."""
-    with urllib.request.urlopen(f"{INDEX}/pypi/pip/json", timeout=60) as response:
+    """(file name, URL) of the newest pip wheel, from the index's JSON API (a mirror may give URLs relative to it)."""
+    api = f"{INDEX}/pypi/pip/json"
+    with urllib.request.urlopen(api, timeout=60) as response:
         release = json.load(response)
     wheel = next(f for f in release["urls"] if f["packagetype"] == "bdist_wheel")
-    return wheel["filename"], wheel["url"]
+    return wheel["filename"], urllib.parse.urljoin(api, wheel["url"])
 
 
 def main() -> int:
     if sys.prefix == sys.base_prefix:
         print("error: run this with the virtual environment's Python, not the system's", file=sys.stderr)
         return 2
-    name, url = newest_pip_wheel()
     with tempfile.TemporaryDirectory() as scratch:
-        wheel = os.path.join(scratch, name)
-        urllib.request.urlretrieve(url, wheel)
+        try:
+            name, url = newest_pip_wheel()
+            wheel = os.path.join(scratch, name)
+            urllib.request.urlretrieve(url, wheel)
+        except (OSError, ValueError, KeyError, StopIteration) as e:
+            print(f"error: could not fetch pip's wheel from {INDEX}: {e}", file=sys.stderr)
+            return 1
         # a wheel is a zip that Python can run: pip installs itself from its own wheel
         return subprocess.call([sys.executable, os.path.join(wheel, "pip"), "install", "--quiet", "--no-index", wheel])
 
