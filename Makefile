@@ -51,16 +51,17 @@ lock:
 	} > constraints.txt
 	rm -rf $(LOCK_VENV)
 
-# Debian's Prometheus: the demo's metrics server, and the tests that scrape Ray's metrics with a real one. The stack
+# Debian's Prometheus: the demo's metrics server, and the tests that scrape Ray's metrics with a real one (and curl,
+# which the README's quick start and its test use). The stack
 # and the tests run their own on a free port; the package's system service is kept from starting at install
 # (policy-rc.d answers 101, "not allowed"), so nothing new listens on :9090 on every interface.
 tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null && exit 0; \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v curl >/dev/null && exit 0; \
 	if [ "$$(id -u)" != 0 ] && ! sudo -n true 2>/dev/null; then \
-	  echo "error: prometheus is not installed and apt needs root: install Debian's prometheus package, or put prometheus and promtool on PATH" >&2; exit 1; \
+	  echo "error: prometheus or curl is not installed and apt needs root: install Debian's prometheus and curl packages" >&2; exit 1; \
 	fi; \
 	kept=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null && $(SUDO) chmod +x /usr/sbin/policy-rc.d && kept=1; }; \
-	$(APT_INSTALL) prometheus || { $(SUDO) apt-get update && $(APT_INSTALL) prometheus; }; status=$$?; \
+	$(APT_INSTALL) prometheus curl || { $(SUDO) apt-get update && $(APT_INSTALL) prometheus curl; }; status=$$?; \
 	[ -z "$$kept" ] || $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$status
 
 # The tests run in TEST_WORKERS processes (pytest-xdist), each taking whole files (tests/conftest.py groups them),
