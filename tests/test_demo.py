@@ -136,6 +136,12 @@ def test_the_readme_quick_start_gets_from_make_demo_to_answers(user_home, tmp_pa
         assert time.time() < deadline, f"Prometheus saw requests for {seen} only"
         time.sleep(3)
     assert prometheus_query(state.urls["prometheus"], "model_requests") == []  # each counter once, not also as a gauge
+    # the Ray dashboard draws its time-series from the stack's Prometheus (the head has RAY_PROMETHEUS_HOST)
+    token = (user_home / ".ray" / "auth_token").read_text().strip()
+    health = urllib.request.Request(f"{state.urls['dashboard']}/api/prometheus_health",
+                                    headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(health, timeout=30) as response:
+        assert json.loads(response.read())["msg"] == "prometheus running"
 
     # a job from a fresh shell, as the README says, runs on the stack and logs to its store
     submitted = fresh_shell(submit, user_home)
