@@ -62,3 +62,15 @@ def test_every_metric_is_exported_with_its_labels(metrics_port):
     assert samples["ray_model_prediction_latency_seconds_count"].endswith(" 2.0")
     assert samples["ray_model_served_version"].endswith(" 3.0")
     assert 'reason="ValueError"' in samples["ray_model_prediction_errors_total"]
+
+
+def test_the_served_version_stays_exported_while_the_replica_lives(metrics_port):
+    replica = Replica.remote()
+    ray.get(replica.serve.remote(fail=False))
+    first = scrape(metrics_port, "ray_model_served_version{")
+    assert "ray_model_served_version{" in first
+    # Ray stops exporting a gauge some 20-30 s after its last set; the replica keeps setting it
+    for _ in range(8):
+        time.sleep(5)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert "ray_model_served_version{" in text

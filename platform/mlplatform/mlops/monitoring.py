@@ -9,6 +9,7 @@ queries use the names below. Counters end in ``_total`` in Prometheus, as counte
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
@@ -21,6 +22,10 @@ LATENCY_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 _TAGS = ("model", "deployment")
+VERSION_REFRESH_S = 1.0
+"""Ray (2.60) stops exporting a gauge some 20-30 s after its last ``set`` (measured with 1-s and 10-s export
+intervals), so the served version, which dashboards and alerts must see while the replica lives, is set again this
+often."""
 
 
 class ModelMonitoring:
@@ -50,6 +55,8 @@ class ModelMonitoring:
             "model_served_version", description="Registered version this replica is serving.", tag_keys=_TAGS)
         for metric in (self.latency, self.errors, self.requests, self.batch_size, self.queue_wait, self.version):
             metric.set_default_tags(self.tags)
+        self._served_version: float | None = None
+        self._refresher: threading.Thread | None = None
 
     @contextlib.contextmanager
     def track_request(self) -> Iterator[None]:
@@ -75,5 +82,14 @@ class ModelMonitoring:
             self.queue_wait.observe(wait)
 
     def set_version(self, version: str | int) -> None:
-        """The registered version now answering requests."""
-        self.version.set(float(version))
+        """The registered version now answering requests; exported until the replica ends (see ``VERSION_REFRESH_S``)."""
+        self._served_version = float(version)
+        self.version.set(self._served_version)
+        if self._refresher is None:
+            self._refresher = threading.Thread(target=self._keep_version_exported, name="served-version-gauge", daemon=True)
+            self._refresher.start()
+
+    def _keep_version_exported(self) -> None:
+        while True:
+            time.sleep(VERSION_REFRESH_S)
+            self.version.set(self._served_version)
