@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import ray
-from matplotlib.figure import Figure
 import torch
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from mlplatform import storage
@@ -203,8 +203,8 @@ def run_federated(config: FederatedConfig, tracker: Any | None = None, *, progre
         return task.evaluate(model, split)
 
     strategy = build_strategy(config, evaluate)
-    server = FederatedServer(resumed.weights if resumed else weights, strategy, partitions, seed=config.seed, server_learning_rate=config.server_learning_rate,
-                             max_update_norm=config.max_update_norm,
+    server = FederatedServer(resumed.weights if resumed else weights, strategy, partitions, seed=config.seed,
+                             server_learning_rate=config.server_learning_rate, max_update_norm=config.max_update_norm,
                              faults=FaultPlan(dropout_rate=config.dropout_rate, slow_rate=config.slow_rate,
                                               slowdown_s=config.slowdown_s, corrupt_rate=config.corrupt_rate,
                                               seed=config.seed))
