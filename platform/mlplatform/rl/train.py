@@ -30,6 +30,7 @@ class MetricsSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_learning_curve(self, steps: Any, values: Any, *, name: str, xlabel: str, ylabel: str) -> Any: ...
     def log_checkpoint(self, path: str | Path) -> Any: ...
+    def flush(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -227,6 +228,8 @@ def train_dqn(
 
         if agent.env_steps >= next_checkpoint:
             next_checkpoint += config.checkpoint_every
+            if tracker is not None:  # what was logged up to the checkpoint outlives a crash, as the checkpoint does
+                tracker.flush()
             agent.save(latest, extra=resume_values())
     bar.close()
     envs.close()
