@@ -175,6 +175,7 @@ MALFORMED = [
     ("/v1/policy/cartpole", json.dumps({"observation": [1.0, 2.0, 3.0]}).encode(), 422),
     ("/v1/policy/cartpole", json.dumps({"observation": ["1", "2", "3", "4"]}).encode(), 422),
     ("/v1/policy/cartpole", json.dumps({"observation": [1e309, 0, 0, 0]}).encode(), 422),
+    ("/v1/policy/cartpole", json.dumps({"observation": [1e39, 0, 0, 0]}).encode(), 422),  # finite in float64 only
     ("/v1/policy/cartpole", json.dumps({"obs": [1, 2, 3, 4]}).encode(), 422),
     ("/v1/policy/nosuch", json.dumps({"observation": [1, 2, 3, 4]}).encode(), 404),
 ]

@@ -202,7 +202,7 @@ class ModelRegistry:
         whole or not at all, so processes that ask at once never read half a download.
         """
         version = self.get_model_version(*parse_model_uri(uri))
-        target = Path(cache) / "registry" / version.run_id / version.artifact_path
+        target = Path(cache) / "registry" / _cache_part(version.run_id, "run id") / _cache_part(version.artifact_path, "artifact_path")
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
@@ -271,6 +271,20 @@ class ModelRegistry:
 
     def _calling(self, action: str) -> Any:
         return translated_errors(action, self.tracking_uri, RegistryError)
+
+
+def _cache_part(value: str, what: str) -> Path:
+    """``value`` as a relative path that stays inside the cache (the tags it comes from can be edited by anyone
+    with write access to the registry).
+
+    Raises:
+        RegistryError: an empty, absolute or ``..`` path.
+    """
+    path = Path(value)
+    if not value or path.is_absolute() or ".." in path.parts:
+        raise RegistryError(f"refused {what} {value!r}: a cached model's path must be relative, without '..'",
+                            error_code="INVALID_PARAMETER_VALUE")
+    return path
 
 
 def _registered(version: ModelVersion) -> RegisteredVersion:

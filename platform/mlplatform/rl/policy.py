@@ -5,11 +5,27 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 
+from mlplatform.rl.atari import is_atari, register_atari_envs
 from mlplatform.rl.model import DuelingDQN
 from mlplatform.rl.train import make_vector_env
+
+
+def registered_env_id(env_id: str) -> str:
+    """``env_id`` when gymnasium's registry holds it; never ``module:Env``, which would import a module the
+    checkpoint names (a checkpoint is data, and data must not choose code to run).
+
+    Raises:
+        ValueError: any other id.
+    """
+    if is_atari(env_id):
+        register_atari_envs()
+    if ":" in env_id or env_id not in gym.registry:
+        raise ValueError(f"the checkpoint's env_id {env_id!r} is not an environment in gymnasium's registry")
+    return env_id
 
 
 class Policy:
@@ -18,7 +34,7 @@ class Policy:
     def __init__(self, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         config = state["config"]
-        env = make_vector_env(config["env_id"], 1)  # the spaces the agent saw, Atari preprocessing included
+        env = make_vector_env(registered_env_id(config["env_id"]), 1)  # the spaces the agent saw, Atari preprocessing included
         self.obs_shape = tuple(env.single_observation_space.shape)
         self.num_actions = int(env.single_action_space.n)
         self.network = DuelingDQN(self.obs_shape, self.num_actions, hidden_sizes=config["hidden_sizes"])

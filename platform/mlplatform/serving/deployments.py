@@ -7,6 +7,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 from ray import serve
 
 from mlplatform.emotion.predict import EmotionPredictor
@@ -16,6 +17,23 @@ from mlplatform.rl.policy import Policy
 from mlplatform.serving.rollout import AliasFollower
 
 PROBE_TEXT = "今日はとても嬉しい"
+
+
+def finite_or_refused(values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` when every one is finite; a version that answers NaN or Inf is refused (its probe raises)."""
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what} are not all finite")
+    return values
+
+
+def probe_emotion(predictor: EmotionPredictor) -> np.ndarray:
+    """The health check before a swap: the probe text's scores, all finite."""
+    return finite_or_refused(predictor.scores([PROBE_TEXT]), "the probe text's scores")
+
+
+def probe_policy(policy: Policy) -> np.ndarray:
+    """The health check before a swap: the Q-values of an all-zero observation, all finite."""
+    return finite_or_refused(policy.q_values([0.0] * math.prod(policy.obs_shape)), "the Q-values of a zero observation")
 
 
 @serve.deployment(name="EmotionModel", ray_actor_options={"num_cpus": 1})
@@ -30,7 +48,7 @@ class EmotionModel:
         self.monitoring = ModelMonitoring(model_name, serve.get_replica_context().deployment)
         self.follower: AliasFollower[EmotionPredictor] = AliasFollower(
             ModelRegistry(tracking_uri), model_name, ref, load=EmotionPredictor,
-            probe=lambda predictor: predictor.predict([PROBE_TEXT]),
+            probe=probe_emotion,
             on_swap=lambda version: self.monitoring.set_version(version.version),
         )
 
@@ -82,7 +100,7 @@ class PolicyModel:
         self.monitoring = ModelMonitoring(model_name, serve.get_replica_context().deployment)
         self.follower: AliasFollower[Policy] = AliasFollower(
             ModelRegistry(tracking_uri), model_name, ref, load=Policy,
-            probe=lambda policy: policy.q_values([0.0] * math.prod(policy.obs_shape)),
+            probe=probe_policy,
             on_swap=lambda version: self.monitoring.set_version(version.version),
         )
 

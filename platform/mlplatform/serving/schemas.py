@@ -15,6 +15,8 @@ MAX_TEXTS = 64
 """Most texts in one request."""
 MAX_OBSERVATION_VALUES = 4096
 """Most numbers in one observation."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: a policy computes in float32, where anything larger is infinite."""
 
 
 class EmotionRequest(BaseModel):
@@ -66,8 +68,8 @@ class PolicyRequest(BaseModel):
     @field_validator("observation")
     @classmethod
     def _finite(cls, value: list[float]) -> list[float]:
-        if not all(math.isfinite(v) for v in value):
-            raise ValueError("observation values must be finite numbers")
+        if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in value):
+            raise ValueError(f"observation values must be finite float32 numbers (|value| <= {FLOAT32_MAX:.4g})")
         return value
 
 
