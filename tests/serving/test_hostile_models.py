@@ -1,5 +1,5 @@
 """Hostile versions are refused before they serve: NaN weights fail the probe, a checkpoint cannot choose code to
-import, and a registry entry cannot point a cached model outside the cache."""
+import, a registry entry cannot point a cached model outside the cache, and a rollout error shows no URI."""
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from mlplatform.mlops.tracking import ExperimentTracker
 from mlplatform.rl.agent import DQNAgent, DQNConfig
 from mlplatform.rl.policy import Policy
 from mlplatform.serving.deployments import probe_emotion, probe_policy
+from mlplatform.serving.rollout import AliasFollower
 
 
 def nan_weights(module: torch.nn.Module) -> None:
@@ -61,3 +62,24 @@ def test_a_crafted_artifact_path_cannot_leave_the_cache(tmp_path, crafted):
     with pytest.raises(RegistryError, match="a cached model's path must be relative, without '..'"):
         registry.cached_model("models:/emotion/1", tmp_path / "cache")
     assert not (tmp_path / "outside").exists()
+
+
+def test_a_rollout_error_names_no_uri(tmp_path):
+    store = f"sqlite:///{tmp_path}/m.db"
+    registry = ModelRegistry(store)
+    agent = DQNAgent((4,), 2, DQNConfig(hidden_sizes=(8,)))
+    state = torch.load(agent.save(tmp_path / "ok.pt"), weights_only=True)
+    crafted = {**state, "config": {**state["config"], "env_id": "https://user:secret@example.com/env"}}
+    for checkpoint in (state, crafted):
+        torch.save(checkpoint, tmp_path / "cartpole.pt")
+        with ExperimentTracker("hostile", tracking_uri=store) as tracker:
+            tracker.log_checkpoint(tmp_path / "cartpole.pt")
+        registry.set_alias("cartpole", "champion", registry.register_model("cartpole", run_id=tracker.run_id).version)
+        if checkpoint is state:
+            follower = AliasFollower(registry, "cartpole", "champion", load=Policy, probe=probe_policy)
+    try:
+        assert not follower.refresh() and follower.current[0].version == "1"  # the crafted version is refused
+        assert follower.info()["last_rollout_error"] == (
+            "cartpole@champion: ValueError: the checkpoint's env_id '<uri>' is not an environment in gymnasium's registry")
+    finally:
+        follower.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -21,8 +22,10 @@ def registered_env_id(env_id: str) -> str:
     Raises:
         ValueError: any other id.
     """
-    if is_atari(env_id):
-        register_atari_envs()
+    if ":" not in env_id:
+        with contextlib.suppress(gym.error.Error):  # a malformed id is refused just below
+            if is_atari(env_id):
+                register_atari_envs()
     if ":" in env_id or env_id not in gym.registry:
         raise ValueError(f"the checkpoint's env_id {env_id!r} is not an environment in gymnasium's registry")
     return env_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,13 @@ from mlplatform.mlops.registry import ModelRegistry, RegisteredVersion
 
 log = logging.getLogger(__name__)
 ModelT = TypeVar("ModelT")
+_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+
+
+def without_uris(message: str) -> str:
+    """``message`` with every ``scheme://...`` replaced by ``<uri>``: a tracking URI can carry credentials, and the
+    rollout error is shown to anyone who asks ``GET /v1/models`` (the replica's log keeps the full text)."""
+    return _URI.sub("<uri>", message)
 
 
 class AliasFollower(Generic[ModelT]):
@@ -71,8 +79,9 @@ class AliasFollower(Generic[ModelT]):
                 self._rejected = version.version
                 prepared = self._prepare(version)
             except Exception as e:  # any failure keeps the serving version; it is reported, not raised
-                self.last_error = f"{self.name}@{self.ref}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("rollout failed, still serving version %s: %s", self.current[0].version, self.last_error)
+                error = f"{self.name}@{self.ref}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("rollout failed, still serving version %s: %s", self.current[0].version, error)
+                self.last_error = without_uris(error)
                 return False
             self.current = prepared
             self.last_error = self._rejected = None
