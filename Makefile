@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || { $(NEW_VENV); }
 	$(PIP) --upgrade pip uv
 	$(PIP) torch
-	$(UV_PIP) -e ".[dev]"
+	$(UV_PIP) -e ".[dev,atari]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -52,16 +52,18 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 # Debian's Prometheus: the demo's metrics server, and the tests that scrape Ray's metrics with a real one (and curl,
-# which the README's quick start and its test use). The stack
+# which the README's quick start and its test use; and chromium, in which a test renders the API pages offline). The stack
 # and the tests run their own on a free port; the package's system service is kept from starting at install
 # (policy-rc.d answers 101, "not allowed"), so nothing new listens on :9090 on every interface.
+TOOLS := prometheus curl
 tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v curl >/dev/null && exit 0; \
+	@missing=; for tool in $(TOOLS) $(if $(filter prometheus,$(TOOLS)),promtool); do command -v $$tool >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" != 0 ] && ! sudo -n true 2>/dev/null; then \
-	  echo "error: prometheus or curl is not installed and apt needs root: install Debian's prometheus and curl packages" >&2; exit 1; \
+	  echo "error: one of $(TOOLS) is not installed and apt needs root: install Debian's $(TOOLS) packages" >&2; exit 1; \
 	fi; \
 	kept=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null && $(SUDO) chmod +x /usr/sbin/policy-rc.d && kept=1; }; \
-	$(APT_INSTALL) prometheus curl || { $(SUDO) apt-get update && $(APT_INSTALL) prometheus curl; }; status=$$?; \
+	$(APT_INSTALL) $(TOOLS) || { $(SUDO) apt-get update && $(APT_INSTALL) $(TOOLS); }; status=$$?; \
 	[ -z "$$kept" ] || $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$status
 
 # The tests run in TEST_WORKERS processes (pytest-xdist), each taking whole files (tests/conftest.py groups them),
@@ -69,7 +71,8 @@ tools:
 # A Ray test waits on process start-ups much of the time: two processes keep two cores busy. TEST_WORKERS=0: one.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) tools
+test: $(STAMP)
+	@$(MAKE) --no-print-directory tools TOOLS="prometheus curl chromium"
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # DEMO_CONFIG: a YAML file of `mlplatform up` settings (StackConfig in platform/mlplatform/stack.py).

@@ -1,5 +1,6 @@
 """The n-gram teacher: its soft labels on unlabelled texts, what the trainer is handed, and its vote in the served model."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mlplatform.emotion.predict import EmotionPredictor
 from mlplatform.emotion.teacher import TEACHER_C_GRID, TEACHER_FILES, UNLABELLED_WRITER, NgramTeacher
 from mlplatform.emotion.tokenizer import default_tokenizer
 from mlplatform.emotion.train import EmotionConfig, prepare_inputs, train_emotion_model
-from mlplatform.emotion.trainer import best_model_folder, score_checkpoint
+from mlplatform.emotion.trainer import TEACHER_SHARES, best_model_folder, score_checkpoint, served_teacher_share
 from mlplatform.emotion.writers import load_provenance
 
 MINI = str(Path(__file__).parent / "data" / "mini.jsonl")
@@ -110,7 +111,8 @@ def test_the_best_model_keeps_its_teacher_and_is_scored_as_it_is_served(tmp_path
     train_emotion_model(config_to_dict(config), inputs=inputs,
                         report=lambda metrics, checkpoint_dir: shutil.copytree(checkpoint_dir, checkpoint, dirs_exist_ok=True))
     served = best_model_folder(Checkpoint.from_directory(str(checkpoint)), str(tmp_path / "served"), "run",
-                               provenance=inputs.provenance, teacher=teacher, teacher_share=config.teacher_share)
+                               provenance=inputs.provenance, config=dataclasses.replace(config, teacher_share=0.7),
+                               teacher=teacher)
     assert all((served / name).is_file() for name in TEACHER_FILES)
     assert load_provenance(served)["writers"] == sorted({e.writer for e in inputs.examples if e.writer != UNLABELLED_WRITER})
     dev = [e for e in load_corpus(MINI) if e.split == "dev"]
@@ -119,5 +121,16 @@ def test_the_best_model_keeps_its_teacher_and_is_scored_as_it_is_served(tmp_path
     assert scored["macro_f1"] == dominant_metrics(answered, np.array([e.dominant for e in dev]))["macro_f1"]
     assert {"student_macro_f1", "student_accuracy"} <= set(scored)  # the BERT alone, beside what is served
     student_only = best_model_folder(Checkpoint.from_directory(str(checkpoint)), str(tmp_path / "student"), "run",
-                                     provenance=inputs.provenance, teacher=teacher, teacher_share=0.0)
+                                     provenance=inputs.provenance, config=dataclasses.replace(config, teacher_share=0.0),
+                                     teacher=teacher)
     assert not (student_only / TEACHER_FILES[0]).exists() and "student_macro_f1" not in score_checkpoint(student_only, config, split="dev")
+    # the default share is the one with the best dev macro-F1, so the served mixture is never behind either model on dev
+    assert config.teacher_share is None
+    chosen = best_model_folder(Checkpoint.from_directory(str(checkpoint)), str(tmp_path / "chosen"), "run",
+                               provenance=inputs.provenance, config=config, teacher=teacher)
+    share = served_teacher_share(chosen)
+    truth = np.array([e.dominant for e in dev])
+    student, taught = EmotionPredictor(student_only).scores([e.text for e in dev]), teacher.probabilities([e.text for e in dev])
+    dev_f1 = {s: dominant_metrics((1 - s) * student + s * taught, truth)["macro_f1"] for s in TEACHER_SHARES}
+    assert share in TEACHER_SHARES and dev_f1[share] == max(dev_f1.values())
+    assert score_checkpoint(chosen, config, split="dev")["macro_f1"] == pytest.approx(dev_f1[share])

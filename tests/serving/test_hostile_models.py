@@ -1,5 +1,8 @@
 """Hostile versions are refused before they serve: NaN weights fail the probe, a checkpoint cannot choose code to
-import, a registry entry cannot point a cached model outside the cache, and a rollout error shows no URI."""
+import, a registry entry cannot point a cached model outside the cache, and a rollout error shows no URI; a rollout
+leaves no download behind."""
+
+import tempfile
 
 import pytest
 import torch
@@ -81,5 +84,29 @@ def test_a_rollout_error_names_no_uri(tmp_path):
         assert not follower.refresh() and follower.current[0].version == "1"  # the crafted version is refused
         assert follower.info()["last_rollout_error"] == (
             "cartpole@champion: ValueError: the checkpoint's env_id '<uri>' is not an environment in gymnasium's registry")
+    finally:
+        follower.stop()
+
+
+def test_rollout_downloads_are_gone_once_loaded(tmp_path, monkeypatch):
+    store = f"sqlite:///{tmp_path}/m.db"
+    registry = ModelRegistry(store)
+    for seed in (1, 2):
+        agent = DQNAgent((4,), 2, DQNConfig(hidden_sizes=(8,), seed=seed))
+        with ExperimentTracker("hygiene", tracking_uri=store) as tracker:
+            tracker.log_checkpoint(agent.save(tmp_path / "cartpole.pt"))
+        registry.register_model("cartpole", run_id=tracker.run_id)
+    registry.set_alias("cartpole", "champion", "1")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    follower = AliasFollower(registry, "cartpole", "champion", load=Policy, probe=probe_policy)
+    try:
+        assert list(scratch.iterdir()) == []
+        registry.set_alias("cartpole", "champion", "2")
+        assert follower.refresh() and follower.current[0].version == "2"
+        assert list(scratch.iterdir()) == []  # the promotion's download is gone too
+        assert registry.load_checkpoint("cartpole", "2")["config"]["seed"] == 2
+        assert list(scratch.iterdir()) == []
     finally:
         follower.stop()

@@ -65,7 +65,7 @@ def test_prometheus_sees_every_metric_from_every_replica(cluster, prometheus):
     assert call(f"{cluster['url']}/v1/emotion", {"text": ""})[0] == 422  # stopped by the ingress's schema
     handle = serve.get_deployment_handle("EmotionModel", app_name="mlplatform")
     # bad items that do reach the replicas (twenty calls miss one of two replicas with chance 2e-6)
-    assert all("error" in r.result() for r in [handle.predict.remote("") for _ in range(20)])
+    assert all("error" in r.result() for r in [handle.predict.remote([""]) for _ in range(20)])
 
     def latency_counted() -> bool:
         found = query(prometheus, 'sum(model_prediction_latency_seconds_count{model="emotion"})')
@@ -91,7 +91,7 @@ def test_every_dashboard_query_returns_data(cluster, prometheus):
     for _ in range(10):
         assert call(f"{cluster['url']}/v1/emotion", {"text": ["嬉しい", "悲しい"]})[0] == 200
     handle = serve.get_deployment_handle("EmotionModel", app_name="mlplatform")
-    assert all("error" in r.result() for r in [handle.predict.remote("") for _ in range(10)])
+    assert all("error" in r.result() for r in [handle.predict.remote([""]) for _ in range(10)])
     queries = dashboard_queries()
     assert len(queries) == 10 and all("$" not in q for q in queries)
 
@@ -159,11 +159,11 @@ def test_a_killed_replica_comes_back(cluster):
 
 def test_one_bad_item_fails_only_its_own_request_in_a_batch(cluster):
     handle = serve.get_deployment_handle("EmotionModel", app_name="mlplatform")
-    texts = ["嬉しい", "悲しい", "", "怖い", "腹が立つ"] * 4
-    results = [response.result() for response in [handle.predict.remote(text) for text in texts]]
-    for text, result in zip(texts, results):
-        if text:
-            assert "label" in result and "error" not in result
+    requests = [["嬉しい", "悲しい"], ["怖い", ""], ["腹が立つ"]] * 4
+    results = [response.result() for response in [handle.predict.remote(texts) for texts in requests]]
+    for texts, result in zip(requests, results):
+        if all(texts):
+            assert len(result["predictions"]) == len(texts) and "error" not in result
         else:
-            assert result == {"error": "text 0 is empty"}
+            assert result == {"error": "text 1 is empty", "status": 422}
 

@@ -80,8 +80,8 @@ class EmotionConfig:
     """Distillation (single target): ngram fits a char 1-4-gram and word 1-2-gram TF-IDF + logistic-regression teacher on train, trains on its soft labels for the unlabelled corpus too (seven times the texts per epoch) and serves the two together; none uses the labelled texts alone."""
     unlabelled: str | None = None
     """Text file or folder (one text per line) the teacher labels; None uses the bundled unlabelled corpus."""
-    teacher_share: float = pydantic.Field(0.7, ge=0.0, le=1.0)
-    """The teacher's share of the served model's vote (its probabilities are averaged with the student's at this weight); 0 serves the student alone."""
+    teacher_share: float | None = pydantic.Field(None, ge=0.0, le=1.0)
+    """The teacher's share of the served model's vote (its probabilities are averaged with the student's at this weight); None chooses it on dev from 0, 0.1, ..., 1 (the best dev macro-F1 of the mixture, so the served model is never behind either model alone on dev); 0 serves the student alone."""
     soft_labels: bool = True
     """Single target: train against the normalised intensities, not their argmax (keeps secondary emotions); metrics still use the argmax."""
     patience: int = pydantic.Field(10, ge=1)

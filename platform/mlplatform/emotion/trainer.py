@@ -122,32 +122,57 @@ def fit_emotion_model(config: EmotionConfig, tracker: Any | None = None, *, outp
     )
     result = trainer.fit()
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["dev_macro_f1"])
-    best = best_model_folder(best_checkpoint, output, name, provenance=inputs.provenance, teacher=teacher,
-                              teacher_share=config.teacher_share)
+    best = best_model_folder(best_checkpoint, output, name, provenance=inputs.provenance, config=config, teacher=teacher)
     test = score_checkpoint(best, config, split="test")
     best_epoch = int(best_metrics["epoch"])
     if tracker is not None:
-        tracker.log_metrics({f"test_{k}": v for k, v in test.items()} | inputs.teacher_metrics, step=best_epoch)
+        tracker.log_metrics({f"test_{k}": v for k, v in test.items()} | inputs.teacher_metrics
+                            | {"teacher_share": served_teacher_share(best)}, step=best_epoch)
         tracker.log_artifact(best, artifact_path="model")
         log_training_figures(tracker, result.metrics_dataframe, best, config)
     dev = {k.removeprefix("dev_"): v for k, v in best_metrics.items() if k.startswith("dev_")}
     return EmotionResult(best, dev, test, best_epoch, time.perf_counter() - started)
 
 
-def best_model_folder(checkpoint: Any, output: str, name: str, *, provenance: dict[str, Any],
-                      teacher: NgramTeacher | None = None, teacher_share: float = 0.0) -> Path:
+TEACHER_SHARES = tuple(tenths / 10 for tenths in range(11))
+"""The teacher vote shares tried on dev when ``teacher_share`` is None."""
+
+
+def best_model_folder(checkpoint: Any, output: str, name: str, *, provenance: dict[str, Any], config: EmotionConfig,
+                      teacher: NgramTeacher | None = None) -> Path:
     """The best checkpoint as a model folder on this machine, without its training state, with the teacher that votes
-    beside it and the provenance of what it learnt from.
+    beside it (at ``config.teacher_share``, or the share chosen on dev) and the provenance of what it learnt from.
 
     A local ``output`` gets it as ``<output>/best``; a storage URI's run is copied into this machine's cache.
     """
     folder = Path(output) / "best" if not storage.is_uri(output) else storage.cache_dir() / "runs" / name / "best"
     best = Path(checkpoint.to_directory(str(folder)))
     (best / TRAINER_STATE).unlink(missing_ok=True)
-    if teacher is not None and teacher_share > 0.0:
-        teacher.save(best, vote_share=teacher_share)
+    if teacher is not None:
+        share = config.teacher_share if config.teacher_share is not None else dev_chosen_share(best, teacher, config)
+        if share > 0.0:
+            teacher.save(best, vote_share=share)
     save_provenance(best, provenance)
     return best
+
+
+def dev_chosen_share(folder: Path, teacher: NgramTeacher, config: EmotionConfig) -> float:
+    """The teacher's vote share (of ``TEACHER_SHARES``) whose mixture with the student in ``folder`` has the best dev
+    macro-F1; the smaller share on a tie. 0.5 when the corpus has no dev split."""
+    examples = [e for e in load_examples(config) if e.split == "dev"]
+    if not examples:
+        return 0.5
+    texts, truth = [e.text for e in examples], np.array([e.dominant for e in examples])
+    student = EmotionPredictor(folder, max_length=config.max_length).scores(texts)  # no teacher saved in it yet
+    taught = teacher.probabilities(texts)
+    return max(TEACHER_SHARES, key=lambda share: (
+        dominant_metrics((1.0 - share) * student + share * taught, truth)["macro_f1"], -share))
+
+
+def served_teacher_share(folder: Path) -> float:
+    """The teacher's share of the vote the model in ``folder`` serves with (0: the student alone)."""
+    saved = NgramTeacher.load(folder)
+    return saved[1] if saved else 0.0
 
 
 def _split_loader(folder: str | Path, config: EmotionConfig, split: str) -> tuple[EmotionClassifier, torch.utils.data.DataLoader] | None:

@@ -13,7 +13,7 @@ from mlplatform import storage
 from mlplatform.cluster import connect_ray
 from mlplatform.config import ConfigError, config_to_dict
 from mlplatform.emotion.train import EmotionConfig, TrainingInputs, log_resumed, prepare_inputs, train_emotion_model
-from mlplatform.emotion.trainer import best_model_folder, log_training_figures, score_checkpoint
+from mlplatform.emotion.trainer import best_model_folder, log_training_figures, score_checkpoint, served_teacher_share
 from mlplatform.emotion.writers import provenance_tags
 
 STUDY_FILE = "mlplatform-study.json"
@@ -153,7 +153,7 @@ def tune_emotion(
     results = tuner.fit()
     best = results.get_best_result(metric="best_dev_macro_f1", mode="max")
     folder = best_model_folder(best.get_best_checkpoint("dev_macro_f1", "max"), output, name,
-                               provenance=inputs.provenance, teacher=teacher, teacher_share=config.teacher_share)
+                               provenance=inputs.provenance, config=config, teacher=teacher)
     test = score_checkpoint(folder, config, split="test")
     stopped = sum(r.metrics.get("epoch", 0) < config.epochs for r in results)
     searched = {k: best.config[k] for k in search_space()}
@@ -161,7 +161,8 @@ def tune_emotion(
         if resume is None:
             tracker.log_params({f"best_{k}": v for k, v in searched.items()})
         tracker.log_metrics({"best_dev_macro_f1": best.metrics["best_dev_macro_f1"], "trials_stopped_early": stopped,
-                             **{f"test_{k}": v for k, v in test.items()}, **inputs.teacher_metrics}, step=0)
+                             **{f"test_{k}": v for k, v in test.items()}, **inputs.teacher_metrics,
+                             "teacher_share": served_teacher_share(folder)}, step=0)
         tracker.set_tags(provenance_tags(inputs.provenance))
         tracker.log_artifact(folder, artifact_path="model")
         log_training_figures(tracker, best.metrics_dataframe, folder, config)

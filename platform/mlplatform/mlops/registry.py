@@ -178,7 +178,8 @@ class ModelRegistry:
                 for v in found]
 
     def download_model(self, uri_or_name: str, ref: str | None = None, dst: str | Path | None = None) -> tuple[RegisteredVersion, Path]:
-        """Copy a version's artifacts to ``dst`` (a new temporary folder when None); returns the version and the local path."""
+        """Copy a version's artifacts to ``dst`` (a new temporary folder when None, which the caller deletes); returns the
+        version and the local path."""
         name, ref = parse_model_uri(uri_or_name) if ref is None else (uri_or_name, ref)
         version = self.get_model_version(name, ref)
         folder = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"{name}-v{version.version}-"))
@@ -220,16 +221,18 @@ class ModelRegistry:
         Raises:
             RegistryError: the version is not a checkpoint file, or the file holds more than tensors and plain values.
         """
-        version, path = self.download_model(uri_or_name, ref)
-        if not path.is_file():
-            raise RegistryError(f"{version.uri} is a {version.kind} folder, not a checkpoint file", error_code="INVALID_PARAMETER_VALUE")
-        try:
-            import torch  # here, not at the top: the `models` commands never read a checkpoint, and torch costs them 2 s
+        with tempfile.TemporaryDirectory(prefix="mlplatform-checkpoint-") as scratch:
+            version, path = self.download_model(uri_or_name, ref, scratch)
+            if not path.is_file():
+                raise RegistryError(f"{version.uri} is a {version.kind} folder, not a checkpoint file",
+                                    error_code="INVALID_PARAMETER_VALUE")
+            try:
+                import torch  # here, not at the top: the `models` commands never read a checkpoint, and torch costs them 2 s
 
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError or RuntimeError for what weights_only refuses
-            raise RegistryError(f"{version.uri}: refused to load {path.name}: {str(e).splitlines()[0]}",
-                                error_code="INVALID_PARAMETER_VALUE") from e
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # torch raises UnpicklingError or RuntimeError for what weights_only refuses
+                raise RegistryError(f"{version.uri}: refused to load {path.name}: {str(e).splitlines()[0]}",
+                                    error_code="INVALID_PARAMETER_VALUE") from e
 
     def find_model(self, run_id: str, artifact_path: str | None = None) -> tuple[str, str]:
         """The model in a run's artifacts and its kind: ``artifact_path`` when given (a ``.pt`` is a ``dqn``

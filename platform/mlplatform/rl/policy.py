@@ -46,14 +46,16 @@ class Policy:
         self.network.eval()
 
     @torch.no_grad()
-    def q_values(self, observation: list[float]) -> np.ndarray:
-        """Q(s, ·) for one flattened observation.
+    def q_values(self, observation: list[float] | np.ndarray) -> np.ndarray:
+        """Q(s, ·) for one observation: flat in C order, or of the observation's shape (images as uint8 or floats).
 
         Raises:
-            ValueError: the observation has the wrong number of values.
+            ValueError: the observation has the wrong number of values, or a shape that is not the policy's.
         """
+        array = np.asarray(observation, dtype=np.float32)
         expected = math.prod(self.obs_shape)
-        if len(observation) != expected:
-            raise ValueError(f"expected {expected} values (shape {list(self.obs_shape)}), got {len(observation)}")
-        obs = torch.tensor(observation, dtype=torch.float32).reshape(1, *self.obs_shape)
-        return self.network(obs)[0].numpy()
+        if array.size != expected:
+            raise ValueError(f"expected {expected} values (shape {list(self.obs_shape)}), got {array.size}")
+        if array.ndim > 1 and array.shape != self.obs_shape:
+            raise ValueError(f"expected shape {list(self.obs_shape)} (or {expected} values flat), got {list(array.shape)}")
+        return self.network(torch.from_numpy(array).reshape(1, *self.obs_shape))[0].numpy()

@@ -4,31 +4,35 @@ import asyncio
 import os
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from mlplatform.serving.deployments import EmotionModel, PolicyModel
 from mlplatform.serving.schemas import (
-    MAX_BODY_BYTES, EmotionPrediction, EmotionRequest, EmotionResponse, ModelInfo, ModelsResponse, PolicyRequest,
+    MAX_BODY_BYTES, MAX_POLICY_BODY_BYTES, EmotionPrediction, EmotionRequest, EmotionResponse, ModelInfo, ModelsResponse, PolicyRequest,
     PolicyResponse,
 )
 
-api = FastAPI(title="mlplatform", summary="Registered emotion and DQN-policy models, served by Ray Serve.")
+# /docs (Swagger UI) and /redoc load their scripts and styles from the fastapi-offline package through this app, never
+# from a CDN, so the API pages render on an offline or air-gapped cluster
+api = FastAPIOffline(title="mlplatform", summary="Registered emotion and DQN-policy models, served by Ray Serve.")
 
 
 @api.middleware("http")
 async def limit_body_size(request: Request, call_next: Any) -> Any:
-    """413 before reading a body larger than MAX_BODY_BYTES; 411 for a POST that does not say its length."""
+    """413 before reading a body larger than its route takes; 411 for a POST that does not say its length."""
     if request.method == "POST":
         length = request.headers.get("content-length")
         if length is None:
             return JSONResponse({"detail": "send a Content-Length header"}, status_code=411)
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
+        cap = MAX_POLICY_BODY_BYTES if request.url.path.startswith("/v1/policy/") else MAX_BODY_BYTES
+        if not length.isdigit() or int(length) > cap:
+            return JSONResponse({"detail": f"body larger than {cap} bytes"}, status_code=413)
     return await call_next(request)
 
 
@@ -85,19 +89,18 @@ class Ingress:
         """Label and eight probabilities for each text, from emotion model ``name``."""
         if name not in self.emotions:
             raise HTTPException(404, f"no emotion model named {name!r}; deployed: {sorted(self.emotions)}")
-        results = await asyncio.gather(*(call_replica(self.emotions[name].predict, text) for text in body.texts()))
-        errors = [f"text {i}: {r['error']}" for i, r in enumerate(results) if "error" in r]
-        if errors:
-            raise HTTPException(422, "; ".join(errors))
-        return EmotionResponse(model=results[0]["model"], version=results[0]["version"],
-                               predictions=[EmotionPrediction(label=r["label"], scores=r["scores"]) for r in results])
+        result = await call_replica(self.emotions[name].predict, body.texts())  # one call: one version answers all
+        if "error" in result:
+            raise HTTPException(result["status"], result["error"])
+        return EmotionResponse(model=result["model"], version=result["version"],
+                               predictions=[EmotionPrediction(**p) for p in result["predictions"]])
 
     @api.post("/v1/policy/{name}", response_model=PolicyResponse)
     async def act(self, name: str, body: PolicyRequest) -> PolicyResponse:
         """The greedy action and the Q-values of policy ``name`` for one observation."""
         if name not in self.policies:
             raise HTTPException(404, f"no policy named {name!r}; deployed: {sorted(self.policies)}")
-        result = await call_replica(self.policies[name].act, body.observation)
+        result = await call_replica(self.policies[name].act, body.array())
         if "error" in result:
             raise HTTPException(422, [{"loc": ["body", "observation"], "msg": result["error"], "type": "value_error"}])
         return PolicyResponse(model=name, version=result["version"], action=result["action"], q_values=result["q_values"])

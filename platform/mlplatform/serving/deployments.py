@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from mlplatform.emotion.predict import EmotionPredictor
+from mlplatform.emotion.predict import EmotionPrediction, EmotionPredictor
 from mlplatform.mlops.monitoring import ModelMonitoring
 from mlplatform.mlops.registry import ModelRegistry, RegisteredVersion
 from mlplatform.rl.policy import Policy
@@ -57,39 +57,48 @@ class EmotionModel:
         self.classify.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
         self.follower.follow(str(config.get("ref", self.follower.ref)), poll_interval_s=float(config.get("poll_interval_s", 2.0)))
 
-    async def predict(self, text: str) -> dict[str, Any]:
-        """One text's label and scores (or ``error`` for a text the model cannot take)."""
+    async def predict(self, texts: list[str]) -> dict[str, Any]:
+        """Every text's label and scores, all from one version (``model``, ``version``, ``predictions``), or ``error``
+        with the HTTP ``status`` it deserves: 422 for a text the model cannot take, 503 for non-finite scores."""
         with self.monitoring.track_request():
-            result = await self.classify((text, time.perf_counter()))
+            result = await self.classify((texts, time.perf_counter()))
         if "error" in result:
-            self.monitoring.record_error("bad_input")
+            self.monitoring.record_error(result.pop("reason"))
         return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def classify(self, items: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    async def classify(self, requests: list[tuple[list[str], float]]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        self.monitoring.record_batch([started - queued for _, queued in items])
+        self.monitoring.record_batch([started - queued for _, queued in requests])
         version, predictor = self.follower.current  # one version for the whole batch, even mid-swap
-        texts = [text for text, _ in items]
+        texts = [text for request, _ in requests for text in request]
         try:
             predictions = await asyncio.to_thread(predictor.predict, texts)
-            return [_emotion_result(version, p) for p in predictions]
-        except ValueError:  # one bad item must fail only its own request: answer the others one by one
-            return [await asyncio.to_thread(_predict_one, predictor, version, text) for text in texts]
+        except ValueError:  # one bad request must fail only itself: answer the requests one by one
+            return [await asyncio.to_thread(_answer_alone, predictor, version, request) for request, _ in requests]
+        answers, first = [], 0
+        for request, _ in requests:
+            answers.append(_emotion_answer(version, predictions[first:first + len(request)]))
+            first += len(request)
+        return answers
 
     def info(self) -> dict[str, Any]:
         return self.follower.info()
 
 
-def _emotion_result(version: RegisteredVersion, prediction: Any) -> dict[str, Any]:
-    return {"model": version.name, "version": version.version, "label": prediction.label, "scores": prediction.scores}
+def _emotion_answer(version: RegisteredVersion, predictions: list[EmotionPrediction]) -> dict[str, Any]:
+    if not all(math.isfinite(score) for p in predictions for score in p.scores.values()):
+        return {"error": f"model {version.name!r} version {version.version} answered non-finite scores",
+                "status": 503, "reason": "non_finite_output"}
+    return {"model": version.name, "version": version.version,
+            "predictions": [{"label": p.label, "scores": p.scores} for p in predictions]}
 
 
-def _predict_one(predictor: EmotionPredictor, version: RegisteredVersion, text: str) -> dict[str, Any]:
+def _answer_alone(predictor: EmotionPredictor, version: RegisteredVersion, texts: list[str]) -> dict[str, Any]:
     try:
-        return _emotion_result(version, predictor.predict([text])[0])
+        return _emotion_answer(version, predictor.predict(texts))
     except ValueError as e:
-        return {"error": str(e)}
+        return {"error": str(e), "status": 422, "reason": "bad_input"}
 
 
 @serve.deployment(name="PolicyModel", ray_actor_options={"num_cpus": 0.5})
@@ -107,8 +116,9 @@ class PolicyModel:
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.follower.follow(str(config.get("ref", self.follower.ref)), poll_interval_s=float(config.get("poll_interval_s", 2.0)))
 
-    def act(self, observation: list[float]) -> dict[str, Any]:
-        """The greedy action and the Q-values (or ``error`` for an observation of the wrong shape)."""
+    def act(self, observation: np.ndarray) -> dict[str, Any]:
+        """The greedy action and the Q-values, or ``error`` for an observation of the wrong size or shape, or one
+        whose Q-values are not finite (values too large for the network: the probe showed the model itself sound)."""
         with self.monitoring.track_request():
             version, policy = self.follower.current
             try:
@@ -116,6 +126,10 @@ class PolicyModel:
             except ValueError as e:
                 self.monitoring.record_error("bad_input")
                 return {"error": str(e)}
+            if not np.isfinite(q_values).all():
+                self.monitoring.record_error("non_finite_output")
+                return {"error": f"policy {version.name!r} version {version.version} has no finite Q-values for "
+                                 "this observation (its values are too large for the network)"}
         return {"version": version.version, "action": int(q_values.argmax()), "q_values": q_values.tolist()}
 
     def info(self) -> dict[str, Any]:

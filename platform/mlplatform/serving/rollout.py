@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -100,8 +101,11 @@ class AliasFollower(Generic[ModelT]):
         self._stop.set()
 
     def _prepare(self, version: RegisteredVersion) -> tuple[RegisteredVersion, ModelT]:
-        _, path = self.registry.download_model(self.name, version.version)
-        model = self._load(path)
+        # the loaded model holds everything it needs in memory, so the download goes as soon as it is read: disk
+        # does not grow with each promotion
+        with tempfile.TemporaryDirectory(prefix=f"mlplatform-rollout-{self.name}-v{version.version}-") as scratch:
+            _, path = self.registry.download_model(self.name, version.version, scratch)
+            model = self._load(path)
         self._probe(model)
         return version, model
 
