@@ -88,16 +88,17 @@ def default_model(corpus: str | None, seed: int, epochs: int | None, **settings:
 
     The scores are the served model's (the student with its teacher's vote); ``student_*`` are the BERT's alone.
     """
-    from mlplatform.emotion.trainer import fit_emotion_model, score_checkpoint
+    from mlplatform.emotion.trainer import fit_emotion_model, score_checkpoint, served_teacher_share
 
     config = EmotionConfig(**{"seed": seed, "corpus": corpus, "progress_interval_s": 0.0} | ({"epochs": epochs} if epochs else {}) | settings)
     with tempfile.TemporaryDirectory() as output, stdout_to_stderr():
         result = fit_emotion_model(config, None, output_dir=output)
         unseen = score_checkpoint(result.checkpoint, config, split="unseen")
+        share = served_teacher_share(result.checkpoint)
     kept = ("macro_f1", "accuracy", "student_macro_f1", "student_accuracy")
     return {**{k: result.test_metrics[k] for k in kept if k in result.test_metrics},
             **{f"unseen_{k}": unseen[k] for k in kept if k in unseen},
-            "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1)}
+            "teacher_share": share, "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1)}
 
 
 def summary(runs: list[dict[str, float]]) -> dict[str, object]:
