@@ -98,8 +98,7 @@ def numbers_array(value: list[Any]) -> np.ndarray:
     Raises:
         ValueError: ragged lists, a value that is not a number, or one outside float32's finite range.
     """
-    shape, level = [], list(value)
-    shape.append(len(level))
+    shape, level = [len(value)], list(value)
     while level and all(isinstance(item, list) for item in level):
         widths = {len(item) for item in level}
         if len(widths) != 1:
